@@ -1,0 +1,52 @@
+"""The `archeio` command line: `serve`, `settings`.
+
+Only argument handling lives here; `server` runs things. A configuration
+error prints one line naming the variable and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from iprange import RangeFileError
+
+from .config import ConfigError, add_arguments, load_settings, settings_table
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="archeio", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve the registry redirect API",
+        description="Serve the OCI distribution API as redirects. Every flag "
+        "also reads the environment variable named in its help.",
+    )
+    add_arguments(serve)
+    commands.add_parser("settings", help="print the table of every setting (Markdown)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "settings":
+        print(settings_table())
+        return 0
+    from .logs import setup_logging
+    from .server import run
+
+    try:
+        settings = load_settings(overrides=vars(args))
+    except ConfigError as exc:
+        print(f"archeio: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        run(settings)
+    except RangeFileError as exc:
+        print(f"archeio: configuration error: ARCHEIO_RANGES_DIR: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"archeio: cannot serve on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
+    return 0

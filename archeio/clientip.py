@@ -1,0 +1,44 @@
+"""Which address is the client's: the trust model of X-Forwarded-For.
+
+Behind Google's external load balancer the header arrives as
+`<anything the client sent>, <client>, <load balancer>`: the load balancer
+appends the address it saw and its own. Only the entries appended by
+proxies we trust can be believed, so the client is the entry just before
+the last `trusted_hops` ones (default 1: the second-to-last), never the
+first (which the client can forge). Fewer entries than that means the
+request did not come through the proxies we expect: 400, as upstream.
+
+With no header (or an empty one), the peer address of the connection is
+the client: a direct connection, as in development.
+"""
+
+from __future__ import annotations
+
+
+def client_ip(forwarded: str | None, peer: str | None, trusted_hops: int) -> str | None:
+    """The client's address as a string, or None if it cannot be determined.
+
+    Entries are split on commas and spaces; the returned string is not
+    validated here (the range index refuses what is not an address).
+    """
+    if forwarded:
+        entries = forwarded.replace(",", " ").split()
+        if entries:
+            if len(entries) <= trusted_hops:
+                return None
+            return entries[-1 - trusted_hops]
+    return peer
+
+
+def strip_port(address: str) -> str:
+    """`[v6]:port`, `[v6]` or `v4:port` -> the bare address (other input unchanged).
+
+    Some proxies write ports or brackets into X-Forwarded-For; this is the
+    slow path, tried only when an entry is not a bare address.
+    """
+    if address.startswith("["):
+        end = address.find("]")
+        return address[1:end] if end > 0 else address
+    if address.count(":") == 1:
+        return address.split(":", 1)[0]
+    return address

@@ -1,0 +1,264 @@
+"""The routing decision: what a request is, and where it is sent.
+
+This module is pure: no I/O, no aiohttp. `Router.classify` turns a method and
+request target into either a `LocalAnswer` (something we answer ourselves:
+200 on /v2/, 404, 405, 400) or a `Route` (a registry request to redirect).
+`Router.decide` turns a route plus what the caller found out (the client's
+placement, whether the blob is in the mirror) into a `Decision`. Both are
+tested by tables.
+
+Why so strict about paths: a redirect must only ever point at a configured
+host under the configured path. Everything we copy from the request into a
+`Location` is checked against the OCI grammar first (repository names,
+tags, digests), so nothing in it can be a dot segment, an empty segment, a
+scheme, an `@`, a backslash or a control character. Anything else gets a
+400 with an OCI error body instead of a redirect.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from urllib.parse import quote, unquote_to_bytes
+
+from iprange import GCP, Placement
+
+from .config import Settings
+
+# OCI distribution spec, "Pulling manifests": repository name components
+# separated by '/', each lowercase alphanumerics joined by '.', '_', '__' or
+# runs of '-'. Names longer than 255 characters are refused.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_NAME = rf"{_COMPONENT}(?:/{_COMPONENT})*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
+_DIGEST = r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+"
+
+_ENDPOINT_RE = re.compile(
+    rf"(?P<name>{_NAME})/(?:"
+    rf"(?P<kind>blobs|manifests|referrers)/(?P<ref>[^/]*)"
+    rf"|(?P<tags>tags/list))"
+)
+_NAME_RE = re.compile(_NAME)
+_TAG_RE = re.compile(_TAG)
+_DIGEST_RE = re.compile(_DIGEST)
+# Digests whose encoding we can check: only these ever cause a HEAD.
+_CHECKABLE_DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
+# cosign's signature and attestation tags: sha256-<hex>.sig / .att
+_SIGNATURE_TAG_RE = re.compile(r"sha256-[a-f0-9]{64}\.(?:sig|att)")
+# A query string that is already a correctly encoded URL query.
+_CLEAN_QUERY_RE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+_QUERY_SAFE = "-._~!$&'()*+,;=:@/?"
+
+MAX_NAME_LENGTH = 255
+
+# Route kinds, also the `kind` label of metrics and access logs.
+BLOB = "blob"
+MANIFEST = "manifest"
+SIGNATURE = "signature"
+REFERRERS = "referrers"
+TAGS = "tags"
+OTHER = "other"
+
+# Decision backends, also the `decision` label.
+MIRROR = "mirror"
+UPSTREAM = "upstream"
+SIGNATURE_UPSTREAM = "signature_upstream"
+LOCAL = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """A response we give ourselves, no redirect to a registry."""
+
+    status: int
+    body: bytes = b""
+    location: str | None = None
+    content_type: str | None = None
+    code: str = ""  # the OCI error code, for logs
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A well-formed registry request, to be redirected.
+
+    `rest` is the path after `/v2/`, validated and safe to put in a URL;
+    `digest` is set only for blob requests whose digest we can check.
+    """
+
+    kind: str
+    rest: str
+    digest: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a registry request goes: always a 307 to `location`."""
+
+    location: str
+    backend: str
+
+
+def oci_error(status: int, code: str, message: str) -> LocalAnswer:
+    """An answer with the OCI distribution error body."""
+    body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
+    return LocalAnswer(status, body, content_type="application/json", code=code)
+
+
+METHOD_NOT_ALLOWED = oci_error(405, "UNSUPPORTED", "only GET and HEAD are supported")
+CATALOG = oci_error(404, "UNSUPPORTED", "the catalog API is not supported")
+NOT_FOUND = oci_error(404, "NOT_FOUND", "no such path")
+NAME_INVALID = oci_error(400, "NAME_INVALID", "invalid repository name or path")
+REFERENCE_INVALID = oci_error(400, "NAME_INVALID", "invalid tag or digest")
+DIGEST_INVALID = oci_error(400, "DIGEST_INVALID", "invalid digest")
+CLIENT_IP_INVALID = oci_error(400, "UNSUPPORTED", "cannot determine the client address")
+# Returning 200 here keeps clients from asking for a token: the registry is
+# anonymous, and auth happens (if ever) at the upstream.
+V2_ROOT = LocalAnswer(200, b"{}", content_type="application/json")
+
+
+def clean_query(query: str) -> str:
+    """The query as a correctly percent-encoded string, existing escapes kept.
+
+    `query` holds the raw bytes of the request as latin-1 characters, so
+    each character re-encodes to the byte the client sent.
+    """
+    if _CLEAN_QUERY_RE.fullmatch(query):
+        return query
+    out: list[str] = []
+    i = 0
+    while i < len(query):
+        char = query[i]
+        if char == "%" and re.fullmatch(r"[0-9A-Fa-f]{2}", query[i + 1 : i + 3]):
+            out.append(query[i : i + 3])
+            i += 3
+            continue
+        out.append(quote(char, safe=_QUERY_SAFE, encoding="latin-1"))
+        i += 1
+    return "".join(out)
+
+
+def decode_path(raw: str) -> str | None:
+    """Percent-decode a request path as upstream matches it; None if not UTF-8."""
+    if "%" not in raw:
+        return raw
+    try:
+        return unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class Router:
+    """Classifies requests and decides redirects for one configuration."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        path = settings.upstream_registry_path
+        self._upstream_prefix = settings.upstream_registry_endpoint + "/v2/" + (path + "/" if path else "")
+        signature = settings.signature_upstream_endpoint
+        self._signature_prefix = (
+            signature + "/v2/" + (path + "/" if path else "") if signature else self._upstream_prefix
+        )
+        self._info = LocalAnswer(307, location=settings.info_url)
+        self._privacy = LocalAnswer(307, location=settings.privacy_url)
+        self.default_mirror = settings.default_aws_base_url
+        self._mirrors = settings.mirrors
+        # Placement -> mirror base URL (None: Google Cloud, always upstream).
+        # Filled lazily: placements are shared objects, so this stays small.
+        self._mirror_by_placement: dict[Placement, str | None] = {}
+
+    def classify(self, method: str, path: str) -> LocalAnswer | Route:
+        """What a request is, from its method and (raw, undecoded) path."""
+        if method != "GET" and method != "HEAD":
+            return METHOD_NOT_ALLOWED
+        if path.startswith("/v2/"):
+            decoded = decode_path(path)
+            if decoded is None:
+                return NAME_INVALID
+            return self._classify_v2(decoded[4:])
+        if path == "/v2":
+            return V2_ROOT
+        if path == "/":
+            return self._info
+        if path == "/privacy" or path.startswith("/privacy/"):
+            return self._privacy
+        return NOT_FOUND
+
+    def _classify_v2(self, rest: str) -> LocalAnswer | Route:
+        if not rest:
+            return V2_ROOT
+        if rest == "_catalog":
+            return CATALOG
+        match = _ENDPOINT_RE.fullmatch(rest)
+        if match is None:
+            # Any other path under /v2/ goes upstream as upstream does, but
+            # only if all of it reads as a repository name.
+            if len(rest) <= MAX_NAME_LENGTH and _NAME_RE.fullmatch(rest):
+                return Route(OTHER, rest)
+            return NAME_INVALID
+        if len(match["name"]) > MAX_NAME_LENGTH:
+            return NAME_INVALID
+        if match["tags"]:
+            return Route(TAGS, rest)
+        kind, ref = match["kind"], match["ref"]
+        if kind == "manifests":
+            if _SIGNATURE_TAG_RE.fullmatch(ref):
+                return Route(SIGNATURE, rest)
+            if _TAG_RE.fullmatch(ref) or _DIGEST_RE.fullmatch(ref):
+                return Route(MANIFEST, rest)
+            return REFERENCE_INVALID
+        if not _DIGEST_RE.fullmatch(ref):
+            return DIGEST_INVALID
+        if kind == "referrers":
+            return Route(REFERRERS, rest)
+        return Route(BLOB, rest, ref if _CHECKABLE_DIGEST_RE.fullmatch(ref) else None)
+
+    def upstream_location(self, route: Route, query: str) -> Decision:
+        """The redirect for anything that is not a blob served by a mirror."""
+        if route.kind in (SIGNATURE, REFERRERS) and self.settings.signature_upstream_endpoint:
+            prefix, backend = self._signature_prefix, SIGNATURE_UPSTREAM
+        else:
+            prefix, backend = self._upstream_prefix, UPSTREAM
+        location = prefix + route.rest
+        if query:
+            location += "?" + clean_query(query)
+        return Decision(location, backend)
+
+    def mirror_for(self, placement: Placement | None) -> str | None:
+        """The mirror a client's blobs should come from; None: go upstream.
+
+        Google Cloud clients always go upstream (Artifact Registry is in
+        their cloud); clients with no regional mirror, and unknown clients,
+        get the default (the CDN).
+        """
+        if placement is None:
+            return self.default_mirror
+        try:
+            return self._mirror_by_placement[placement]
+        except KeyError:
+            pass
+        if placement.cloud == GCP:
+            mirror = None
+        else:
+            mirror = self._mirrors.mirror_url_for(placement.cloud, placement.region) or self.default_mirror
+        self._mirror_by_placement[placement] = mirror
+        return mirror
+
+    @staticmethod
+    def mirror_location(mirror: str, digest: str) -> Decision:
+        """The redirect to a blob's copy in a mirror."""
+        return Decision(f"{mirror}/containers/images/{digest}", MIRROR)
+
+    def decide(
+        self, route: Route, query: str, placement: Placement | None, blob_in_mirror: bool | None
+    ) -> Decision:
+        """The whole decision for a registry request, once existence is known.
+
+        `blob_in_mirror` is the existence answer for the client's mirror, or
+        None where no check was made.
+        """
+        if route.kind == BLOB and route.digest is not None and blob_in_mirror:
+            mirror = self.mirror_for(placement)
+            if mirror is not None:
+                return self.mirror_location(mirror, route.digest)
+        return self.upstream_location(route, query)

@@ -1,0 +1,102 @@
+"""Longest-prefix index from IP address to (cloud, region).
+
+Two radix trees (pytricia), one per address family: pytricia does not key
+IPv4 and IPv6 safely in one tree. Values are shared `Placement` tuples, one
+object per (cloud, region), so the index holds no per-prefix garbage and
+callers may use a placement as a dictionary key.
+
+An index is immutable once built: a reload builds a new one and swaps the
+reference, so a request never sees a half-built index.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import pytricia
+
+from .parse import ProviderRanges
+
+
+class Placement(NamedTuple):
+    """Where an address lives: the cloud's name and its region (or scope)."""
+
+    cloud: str
+    region: str
+
+
+class InvalidAddress(ValueError):
+    """The string is not an IP address."""
+
+
+class CloudIndex:
+    """Answers "which cloud and region is this address in", most specific prefix first."""
+
+    def __init__(self, providers: Iterable[ProviderRanges]) -> None:
+        self._v4 = pytricia.PyTricia(32, socket.AF_INET)
+        self._v6 = pytricia.PyTricia(128, socket.AF_INET6)
+        placements: dict[tuple[str, str], Placement] = {}
+        self.providers: dict[str, ProviderRanges] = {}
+        self.prefix_counts: dict[str, int] = {}
+        for provider in providers:
+            self.providers[provider.cloud] = provider
+            count = 0
+            for prefix, region in provider.prefixes:
+                key = (provider.cloud, region)
+                placement = placements.get(key)
+                if placement is None:
+                    placement = placements[key] = Placement(*key)
+                tree = self._v6 if ":" in prefix else self._v4
+                try:
+                    # A prefix listed twice (AWS repeats ranges per service)
+                    # keeps its first region; they agree in the published data.
+                    if not tree.has_key(prefix):
+                        tree[prefix] = placement
+                        count += 1
+                except (ValueError, KeyError) as exc:
+                    raise ValueError(f"{provider.cloud}: bad prefix {prefix!r}") from exc
+            self.prefix_counts[provider.cloud] = count
+
+    def __len__(self) -> int:
+        return len(self._v4) + len(self._v6)
+
+    def lookup(self, address: str) -> Placement | None:
+        """The placement of the most specific prefix holding `address`, or None.
+
+        Raises `InvalidAddress` for anything that is not an IPv4 or IPv6
+        address (a prefix such as `1.2.3.4/8` included).
+        """
+        try:
+            if ":" not in address:
+                if "/" not in address:
+                    return self._v4.get(address)  # type: ignore[no-any-return]
+            elif "/" not in address and "%" not in address:
+                found = self._v6.get(address)
+                if found is not None:
+                    return found  # type: ignore[no-any-return]
+                return self._lookup_unusual_v6(address)
+        except ValueError:
+            pass
+        return self._lookup_unusual(address)
+
+    def _lookup_unusual_v6(self, address: str) -> Placement | None:
+        # A miss in the IPv6 tree may be an IPv4-mapped address
+        # (::ffff:a.b.c.d), which belongs to the IPv4 tree.
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+        return None if mapped is None else self._v4.get(str(mapped))  # type: ignore[no-any-return]
+
+    def _lookup_unusual(self, address: str) -> Placement | None:
+        # Off the hot path: strings the trees refuse. A zone id
+        # (fe80::1%eth0) names an interface, not a different address.
+        try:
+            parsed = ipaddress.ip_address(address.split("%", 1)[0] if ":" in address else address)
+        except ValueError:
+            raise InvalidAddress(f"not an IP address: {address!r}") from None
+        if isinstance(parsed, ipaddress.IPv6Address):
+            if parsed.ipv4_mapped is not None:
+                return self._v4.get(str(parsed.ipv4_mapped))  # type: ignore[no-any-return]
+            return self._v6.get(str(parsed))  # type: ignore[no-any-return]
+        return self._v4.get(str(parsed))  # type: ignore[no-any-return]
