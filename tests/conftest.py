@@ -1,0 +1,92 @@
+"""Shared fixtures: the real range data, settings, and a running public port.
+
+Range data: the real published files in `../shared/ranges` where that
+folder exists (this team's machines and CI), otherwise the embedded data.
+The facts the tests rely on (35.180.1.1 is AWS eu-west-3, 35.220.26.1 is
+Google Cloud, 192.168.0.1 is nobody's) hold in both, so nothing skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from archeio.config import Settings, load_settings
+from iprange import CloudIndex, load_index
+
+SHARED_RANGES = Path(__file__).resolve().parents[1].parent / "shared" / "ranges"
+
+AWS_EU_WEST_3 = "35.180.1.1"
+GOOGLE_CLOUD = "35.220.26.1"
+NOBODY = "192.168.0.1"
+SHA256 = "sha256:" + "a" * 64
+
+
+def ranges_dir() -> Path | None:
+    """The shared real range files, or None (embedded data) where absent."""
+    return SHARED_RANGES if SHARED_RANGES.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def cloud_index() -> CloudIndex:
+    return load_index(ranges_dir())
+
+
+def make_settings(**env: str) -> Settings:
+    """Settings from defaults plus `env` (variable names as keys)."""
+    base = {"ARCHEIO_RANGES_DIR": str(ranges_dir() or "")}
+    base.update(env)
+    return load_settings(env=base)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RunningServer:
+    """An in-process public port (the real protocol) on a loopback port."""
+
+    def __init__(self, server: Any, task: asyncio.Task[None], port: int) -> None:
+        self.server = server
+        self.task = task
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def frontend(self) -> Any:
+        return self.server.frontend
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[Callable[..., Any]]:
+    """Start the real server in this event loop with the given settings."""
+    from archeio.server import Server, bind
+
+    running: list[RunningServer] = []
+
+    async def start(settings: Settings) -> RunningServer:
+        server = Server(settings, grace=1.0)
+        sock = bind(settings)
+        port = sock.getsockname()[1]
+        task = asyncio.create_task(server.run(sock=sock))
+        for _ in range(500):
+            if server.frontend is not None and server.port is not None:
+                break
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        handle = RunningServer(server, task, port)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        handle.server.stopping.set()
+        await handle.task

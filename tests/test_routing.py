@@ -1,0 +1,257 @@
+"""The routing decision, by tables: (method, path, query, client) -> answer.
+
+These tests exercise `Router` alone, the pure function the HTTP layer
+translates; tests/test_server.py sends the same kinds of requests over
+real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from archeio.config import INFO_URL, PRIVACY_URL
+from archeio.routing import (
+    BLOB,
+    MANIFEST,
+    MIRROR,
+    OTHER,
+    REFERRERS,
+    SIGNATURE,
+    SIGNATURE_UPSTREAM,
+    TAGS,
+    UPSTREAM,
+    LocalAnswer,
+    Route,
+    Router,
+    clean_query,
+)
+from iprange import Placement
+
+from .conftest import make_settings
+
+UP = "https://us-central1-docker.pkg.dev/v2/k8s-artifacts-prod/images/"
+SIG = "https://sig.example/v2/k8s-artifacts-prod/images/"
+D256 = "sha256:" + "0123456789abcdef" * 4
+D512 = "sha512:" + "0123456789abcdef" * 8
+COSIGN = "sha256-" + "ab" * 32 + ".sig"
+
+
+@pytest.fixture(scope="module")
+def router() -> Router:
+    return Router(make_settings())
+
+
+@pytest.fixture(scope="module")
+def signing_router() -> Router:
+    return Router(make_settings(SIGNATURE_UPSTREAM_ENDPOINT="https://sig.example"))
+
+
+LOCAL_CASES = [
+    # (method, path, status, code or location)
+    ("POST", "/v2/", 405, "UNSUPPORTED"),
+    ("PUT", "/v2/pause/manifests/3.9", 405, "UNSUPPORTED"),
+    ("DELETE", "/v2/pause/blobs/" + D256, 405, "UNSUPPORTED"),
+    ("OPTIONS", "/", 405, "UNSUPPORTED"),
+    ("GET", "/", 307, INFO_URL),
+    ("HEAD", "/", 307, INFO_URL),
+    ("GET", "/privacy", 307, PRIVACY_URL),
+    ("GET", "/privacy/more", 307, PRIVACY_URL),
+    ("GET", "/privacyx", 404, "NOT_FOUND"),
+    ("GET", "/v2", 200, None),
+    ("GET", "/v2/", 200, None),
+    ("HEAD", "/v2/", 200, None),
+    ("GET", "/v2/_catalog", 404, "UNSUPPORTED"),
+    ("GET", "/v3/", 404, "NOT_FOUND"),
+    ("GET", "/favicon.ico", 404, "NOT_FOUND"),
+    ("GET", "/v2/../etc/passwd", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause/../../x/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause/./manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2//pause/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause//manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause/manifests/", 400, "NAME_INVALID"),
+    ("GET", "/v2/Pause/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/pa%2e%2e/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/%2e%2e/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/a@evil.example/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/a\\b/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/a%0d%0aLocation:x/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/a%00/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/a%ff/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause/manifests/bad%0atag", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause/manifests/" + "t" * 129, 400, "NAME_INVALID"),
+    ("GET", "/v2/" + "a" * 256 + "/manifests/1", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause/blobs/not-a-digest", 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/blobs/sha256:abc/def", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause/referrers/latest", 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/blobs/uploads/", 400, "NAME_INVALID"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "expected"), LOCAL_CASES)
+def test_local_answers(router: Router, method: str, path: str, status: int, expected: str | None) -> None:
+    answer = router.classify(method, path)
+    assert isinstance(answer, LocalAnswer)
+    assert answer.status == status
+    if status == 307:
+        assert answer.location == expected
+    elif status == 200:
+        assert answer.body == b"{}"
+    else:
+        assert json.loads(answer.body)["errors"][0]["code"] == expected
+
+
+REDIRECT_CASES = [
+    # (path, query, kind, location)
+    ("/v2/pause/manifests/3.9", "", MANIFEST, UP + "pause/manifests/3.9"),
+    ("/v2/kubernetes/pause/manifests/3.9", "", MANIFEST, UP + "kubernetes/pause/manifests/3.9"),
+    ("/v2/pause/manifests/" + D256, "", MANIFEST, UP + "pause/manifests/" + D256),
+    ("/v2/pause/tags/list", "n=50&last=3.9", TAGS, UP + "pause/tags/list?n=50&last=3.9"),
+    ("/v2/pause/tags/list", "", TAGS, UP + "pause/tags/list"),
+    ("/v2/pause/referrers/" + D256, "artifactType=x", REFERRERS, UP + "pause/referrers/" + D256 + "?artifactType=x"),
+    ("/v2/pause/manifests/" + COSIGN, "", SIGNATURE, UP + "pause/manifests/" + COSIGN),
+    ("/v2/pause/blobs/" + D256, "", BLOB, UP + "pause/blobs/" + D256),
+    ("/v2/pause/blobs/" + D512, "", BLOB, UP + "pause/blobs/" + D512),
+    ("/v2/a.b/c_d/e__f/g--h/manifests/v1.0-rc_1", "", MANIFEST, UP + "a.b/c_d/e__f/g--h/manifests/v1.0-rc_1"),
+    ("/v2/foo%2Fbar/manifests/1", "", MANIFEST, UP + "foo/bar/manifests/1"),
+    ("/v2/blobs/blobs/" + D256, "", BLOB, UP + "blobs/blobs/" + D256),
+    ("/v2/some/repo", "", OTHER, UP + "some/repo"),
+]
+
+
+@pytest.mark.parametrize(("path", "query", "kind", "location"), REDIRECT_CASES)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_registry_requests_redirect_upstream(
+    router: Router, method: str, path: str, query: str, kind: str, location: str
+) -> None:
+    route = router.classify(method, path)
+    assert isinstance(route, Route)
+    assert route.kind == kind
+    decision = router.decide(route, query, None, None)
+    assert decision.location == location
+    assert decision.backend == UPSTREAM
+
+
+def test_signature_tag_goes_to_signature_upstream_when_set(signing_router: Router) -> None:
+    route = signing_router.classify("GET", "/v2/pause/manifests/" + COSIGN)
+    decision = signing_router.upstream_location(route, "")  # type: ignore[arg-type]
+    assert (decision.location, decision.backend) == (SIG + "pause/manifests/" + COSIGN, SIGNATURE_UPSTREAM)
+
+
+def test_attestation_tag_goes_to_signature_upstream(signing_router: Router) -> None:
+    att = COSIGN.replace(".sig", ".att")
+    route = signing_router.classify("GET", "/v2/pause/manifests/" + att)
+    assert signing_router.upstream_location(route, "").location == SIG + "pause/manifests/" + att  # type: ignore[arg-type]
+
+
+def test_referrers_go_to_signature_upstream_when_set(signing_router: Router) -> None:
+    route = signing_router.classify("GET", "/v2/pause/referrers/" + D256)
+    decision = signing_router.upstream_location(route, "")  # type: ignore[arg-type]
+    assert decision.location == SIG + "pause/referrers/" + D256
+
+
+def test_manifests_stay_on_source_registry_with_signature_upstream(signing_router: Router) -> None:
+    route = signing_router.classify("GET", "/v2/pause/manifests/3.9")
+    assert signing_router.upstream_location(route, "").location == UP + "pause/manifests/3.9"  # type: ignore[arg-type]
+
+
+def test_sha256_tag_that_is_not_a_cosign_tag_is_a_manifest(router: Router) -> None:
+    route = router.classify("GET", "/v2/pause/manifests/sha256-abc.sig")
+    assert isinstance(route, Route) and route.kind == MANIFEST
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "sha256:" + "A" * 64,  # uppercase hex
+        "sha256:" + "a" * 63,  # too short
+        "sha256:" + "a" * 65,
+        "sha512:" + "a" * 64,  # sha512 must be 128
+        "md5:" + "a" * 32,
+        "sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564",
+    ],
+)
+def test_malformed_digest_for_its_algorithm_is_never_checked(router: Router, digest: str) -> None:
+    route = router.classify("GET", "/v2/pause/blobs/" + digest)
+    assert isinstance(route, Route) and route.kind == BLOB and route.digest is None
+    # Even if someone claimed it was in a mirror, it goes upstream.
+    decision = router.decide(route, "", Placement("AWS", "eu-west-3"), True)
+    assert decision.location == UP + "pause/blobs/" + digest
+
+
+def test_blob_in_clients_regional_mirror_goes_there(router: Router) -> None:
+    route = router.classify("GET", "/v2/pause/blobs/" + D256)
+    decision = router.decide(route, "", Placement("AWS", "eu-west-3"), True)  # type: ignore[arg-type]
+    assert decision.backend == MIRROR
+    assert decision.location == (
+        "https://prod-registry-k8s-io-eu-west-3.s3.dualstack.eu-west-3.amazonaws.com/containers/images/" + D256
+    )
+
+
+def test_blob_query_is_dropped_on_the_way_to_a_mirror(router: Router) -> None:
+    route = router.classify("GET", "/v2/pause/blobs/" + D256)
+    decision = router.decide(route, "x=1", None, True)  # type: ignore[arg-type]
+    assert decision.location == "https://d1be1w964nk82h.cloudfront.net/containers/images/" + D256
+
+
+def test_blob_missing_from_mirror_goes_upstream(router: Router) -> None:
+    route = router.classify("GET", "/v2/pause/blobs/" + D256)
+    decision = router.decide(route, "", Placement("AWS", "eu-west-3"), False)  # type: ignore[arg-type]
+    assert (decision.location, decision.backend) == (UP + "pause/blobs/" + D256, UPSTREAM)
+
+
+@pytest.mark.parametrize(
+    ("placement", "mirror"),
+    [
+        (Placement("GCP", "europe-west1"), None),
+        (None, "https://d1be1w964nk82h.cloudfront.net"),
+        (Placement("AWS", "GLOBAL"), "https://d1be1w964nk82h.cloudfront.net"),
+        (Placement("AWS", "us-gov-west-1"), "https://d1be1w964nk82h.cloudfront.net"),
+        (Placement("Azure", "westeurope"), "https://d1be1w964nk82h.cloudfront.net"),
+        (Placement("AWS", "me-south-1"), "https://prod-registry-k8s-io-me-central-1.s3.dualstack.me-central-1.amazonaws.com"),
+        (Placement("AWS", "us-west-2"), "https://prod-registry-k8s-io-us-west-2.s3.dualstack.us-west-2.amazonaws.com"),
+    ],
+)
+def test_mirror_for_client_placement(router: Router, placement: Placement | None, mirror: str | None) -> None:
+    assert router.mirror_for(placement) == mirror
+
+
+def test_google_cloud_client_blob_goes_upstream_even_if_mirrored(router: Router) -> None:
+    route = router.classify("GET", "/v2/pause/blobs/" + D256)
+    decision = router.decide(route, "", Placement("GCP", "us-central1"), True)  # type: ignore[arg-type]
+    assert decision.backend == UPSTREAM
+
+
+def test_azure_mirror_works_like_aws(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mirrors = tmp_path / "mirrors.toml"
+    mirrors.write_text('[mirrors.Azure]\n"westeurope" = "https://azure-mirror.example/base"\n')
+    router = Router(make_settings(ARCHEIO_MIRRORS_FILE=str(mirrors)))
+    route = router.classify("GET", "/v2/pause/blobs/" + D256)
+    decision = router.decide(route, "", Placement("Azure", "westeurope"), True)  # type: ignore[arg-type]
+    assert decision.location == "https://azure-mirror.example/base/containers/images/" + D256
+    # The file replaces the built-in table: AWS regions now use the default.
+    assert router.mirror_for(Placement("AWS", "eu-west-3")) == "https://d1be1w964nk82h.cloudfront.net"
+
+
+def test_empty_upstream_path_joins_without_double_slash() -> None:
+    router = Router(make_settings(UPSTREAM_REGISTRY_PATH="", UPSTREAM_REGISTRY_ENDPOINT="http://reg.example:5000/"))
+    route = router.classify("GET", "/v2/pause/manifests/1")
+    assert router.upstream_location(route, "").location == "http://reg.example:5000/v2/pause/manifests/1"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("query", "clean"),
+    [
+        ("n=50&last=x", "n=50&last=x"),
+        ("a=%2F%41", "a=%2F%41"),
+        ("a=b c", "a=b%20c"),
+        ("a=%zz", "a=%25zz"),
+        ('a="<>', "a=%22%3C%3E"),
+        ("a=\r\n", "a=%0D%0A"),
+        ("a=\xe9", "a=%E9"),  # the raw byte 0xE9, kept as that byte
+        ("a=#b", "a=%23b"),
+    ],
+)
+def test_query_is_kept_and_correctly_encoded(query: str, clean: str) -> None:
+    assert clean_query(query) == clean
