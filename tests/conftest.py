@@ -90,3 +90,14 @@ async def start_server() -> AsyncIterator[Callable[..., Any]]:
     for handle in running:
         handle.server.stopping.set()
         await handle.task
+
+
+@pytest.fixture
+async def bucket() -> AsyncIterator[Any]:
+    """A running stand-in bucket (see tests/bucket.py)."""
+    from .bucket import StandInBucket
+
+    stand_in = StandInBucket()
+    await stand_in.start()
+    yield stand_in
+    await stand_in.stop()
