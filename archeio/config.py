@@ -233,6 +233,35 @@ SETTINGS: tuple[Setting, ...] = (
         "access_log", "ARCHEIO_ACCESS_LOG", "0", _fraction,
         "Share of requests that get a JSON access log line (0: none, as upstream; 1: all).",
     ),
+    Setting(
+        "trace_project", "ARCHEIO_TRACE_PROJECT", "", str,
+        "Google Cloud project id: access log lines then link X-Cloud-Trace-Context traces.",
+    ),
+    Setting(
+        "admin_port", "ARCHEIO_ADMIN_PORT", "9090", _port,
+        "Admin port: /metrics, /healthz, /readyz (0: off). Never the public port.",
+    ),
+    Setting("admin_host", "ARCHEIO_ADMIN_HOST", "0.0.0.0", str, "Address the admin port binds to."),
+    Setting(
+        "workers", "ARCHEIO_WORKERS", "1", _positive_int,
+        "Worker processes sharing the public port (SO_REUSEPORT); use one per core.",
+    ),
+    Setting(
+        "ranges_refresh", "ARCHEIO_RANGES_REFRESH", "0", _seconds,
+        "Seconds between re-reads of ARCHEIO_RANGES_DIR (0: only on SIGHUP).",
+    ),
+    Setting(
+        "ranges_max_loss", "ARCHEIO_RANGES_MAX_LOSS", "0.2", _fraction,
+        "Largest share of a provider's prefixes a reload may drop; a file losing more is refused.",
+    ),
+    Setting(
+        "drain_delay", "ARCHEIO_DRAIN_DELAY", "0", _seconds,
+        "Seconds to keep serving after SIGTERM while /readyz fails, so load balancers stop sending.",
+    ),
+    Setting(
+        "grace_period", "ARCHEIO_GRACE_PERIOD", "5", _seconds,
+        "Seconds in-flight requests get to finish once the port stops accepting (upstream: 5).",
+    ),
 )
 
 
@@ -306,6 +335,14 @@ class Settings:
     max_header_bytes: int
     log_level: str
     access_log: float
+    trace_project: str
+    admin_port: int
+    admin_host: str
+    workers: int
+    ranges_refresh: float
+    ranges_max_loss: float
+    drain_delay: float
+    grace_period: float
     mirrors: Mirrors = field(default_factory=Mirrors)
     info_url: str = INFO_URL
     privacy_url: str = PRIVACY_URL
