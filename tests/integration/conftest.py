@@ -21,6 +21,7 @@ import pytest
 
 from . import images, services
 from .images import Image, Layout, Platform
+from .places import Places
 from .services import Archeio, MissingTool, Proxy, Registry, S3Server
 
 UPSTREAM_PATH = "integration/images"
@@ -175,3 +176,8 @@ def proxy(workdir: Path, archeio: Archeio) -> Iterator[Proxy]:
     """nginx in front of archeio: one listener per simulated client location."""
     with services.nginx_proxy(workdir, archeio.url, CLIENTS) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def places(registry: Registry, s3: S3Server) -> Places:
+    return Places(registry, s3)
