@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
 from iprange import GCP, Placement
@@ -51,6 +51,11 @@ _CLEAN_QUERY_RE = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2
 _QUERY_SAFE = "-._~!$&'()*+,;=:@/?"
 
 MAX_NAME_LENGTH = 255
+# Paths remembered with their classification. Real traffic repeats a small
+# set of paths (popular images), so most requests skip the regular
+# expressions; the table is emptied when full, which bounds its memory
+# whatever an attacker sends.
+KNOWN_PATHS = 20_000
 
 # Route kinds, also the `kind` label of metrics and access logs.
 BLOB = "blob"
@@ -67,8 +72,7 @@ SIGNATURE_UPSTREAM = "signature_upstream"
 LOCAL = "local"
 
 
-@dataclass(frozen=True, slots=True)
-class LocalAnswer:
+class LocalAnswer(NamedTuple):
     """A response we give ourselves, no redirect to a registry."""
 
     status: int
@@ -78,21 +82,22 @@ class LocalAnswer:
     code: str = ""  # the OCI error code, for logs
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     """A well-formed registry request, to be redirected.
 
     `rest` is the path after `/v2/`, validated and safe to put in a URL;
     `digest` is set only for blob requests whose digest we can check.
+    `upstream` is the redirect target without the query, on `backend`.
     """
 
     kind: str
     rest: str
-    digest: str | None = None
+    digest: str | None
+    upstream: str
+    backend: str
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Where a registry request goes: always a 307 to `location`."""
 
     location: str
@@ -159,6 +164,7 @@ class Router:
         self._signature_prefix = (
             signature + "/v2/" + (path + "/" if path else "") if signature else self._upstream_prefix
         )
+        self._known: dict[str, LocalAnswer | Route] = {}
         self._info = LocalAnswer(307, location=settings.info_url)
         self._privacy = LocalAnswer(307, location=settings.privacy_url)
         self.default_mirror = settings.default_aws_base_url
@@ -171,11 +177,16 @@ class Router:
         """What a request is, from its method and (raw, undecoded) path."""
         if method != "GET" and method != "HEAD":
             return METHOD_NOT_ALLOWED
+        known = self._known.get(path)
+        if known is not None:
+            return known
         if path.startswith("/v2/"):
             decoded = decode_path(path)
-            if decoded is None:
-                return NAME_INVALID
-            return self._classify_v2(decoded[4:])
+            answer = NAME_INVALID if decoded is None else self._classify_v2(decoded[4:])
+            if len(self._known) >= KNOWN_PATHS:
+                self._known.clear()
+            self._known[path] = answer
+            return answer
         if path == "/v2":
             return V2_ROOT
         if path == "/":
@@ -194,35 +205,38 @@ class Router:
             # Any other path under /v2/ goes upstream as upstream does, but
             # only if all of it reads as a repository name.
             if len(rest) <= MAX_NAME_LENGTH and _NAME_RE.fullmatch(rest):
-                return Route(OTHER, rest)
+                return self._route(OTHER, rest)
             return NAME_INVALID
         if len(match["name"]) > MAX_NAME_LENGTH:
             return NAME_INVALID
         if match["tags"]:
-            return Route(TAGS, rest)
+            return self._route(TAGS, rest)
         kind, ref = match["kind"], match["ref"]
         if kind == "manifests":
             if _SIGNATURE_TAG_RE.fullmatch(ref):
-                return Route(SIGNATURE, rest)
+                return self._route(SIGNATURE, rest)
             if _TAG_RE.fullmatch(ref) or _DIGEST_RE.fullmatch(ref):
-                return Route(MANIFEST, rest)
+                return self._route(MANIFEST, rest)
             return REFERENCE_INVALID
         if not _DIGEST_RE.fullmatch(ref):
             return DIGEST_INVALID
         if kind == "referrers":
-            return Route(REFERRERS, rest)
-        return Route(BLOB, rest, ref if _CHECKABLE_DIGEST_RE.fullmatch(ref) else None)
+            return self._route(REFERRERS, rest)
+        return self._route(BLOB, rest, ref if _CHECKABLE_DIGEST_RE.fullmatch(ref) else None)
 
-    def upstream_location(self, route: Route, query: str) -> Decision:
+    def _route(self, kind: str, rest: str, digest: str | None = None) -> Route:
+        # Signatures live in their own registry when one is configured, and
+        # so do the referrers that point at them.
+        if kind in (SIGNATURE, REFERRERS) and self.settings.signature_upstream_endpoint:
+            return Route(kind, rest, digest, self._signature_prefix + rest, SIGNATURE_UPSTREAM)
+        return Route(kind, rest, digest, self._upstream_prefix + rest, UPSTREAM)
+
+    @staticmethod
+    def upstream_location(route: Route, query: str) -> Decision:
         """The redirect for anything that is not a blob served by a mirror."""
-        if route.kind in (SIGNATURE, REFERRERS) and self.settings.signature_upstream_endpoint:
-            prefix, backend = self._signature_prefix, SIGNATURE_UPSTREAM
-        else:
-            prefix, backend = self._upstream_prefix, UPSTREAM
-        location = prefix + route.rest
         if query:
-            location += "?" + clean_query(query)
-        return Decision(location, backend)
+            return Decision(route.upstream + "?" + clean_query(query), route.backend)
+        return Decision(route.upstream, route.backend)
 
     def mirror_for(self, placement: Placement | None) -> str | None:
         """The mirror a client's blobs should come from; None: go upstream.
@@ -247,7 +261,7 @@ class Router:
     @staticmethod
     def mirror_location(mirror: str, digest: str) -> Decision:
         """The redirect to a blob's copy in a mirror."""
-        return Decision(f"{mirror}/containers/images/{digest}", MIRROR)
+        return Decision(mirror + "/containers/images/" + digest, MIRROR)
 
     def decide(
         self, route: Route, query: str, placement: Placement | None, blob_in_mirror: bool | None
