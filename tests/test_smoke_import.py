@@ -12,3 +12,12 @@ def test_archeio_settings_command_prints_every_variable() -> None:
     ).stdout
     for setting in SETTINGS:
         assert f"`{setting.env}`" in out
+
+
+def test_readme_settings_table_matches_the_code() -> None:
+    from pathlib import Path
+
+    from archeio.config import settings_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert settings_table() in readme, "run scripts/readme-settings"
