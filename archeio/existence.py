@@ -211,7 +211,7 @@ class BlobExistenceCache:
         try:
             async with self._session.head(url, allow_redirects=False) as response:
                 status = response.status
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             outcome = TIMEOUT
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             log.debug("HEAD %s failed: %r", url, exc)
