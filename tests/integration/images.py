@@ -25,7 +25,7 @@ import tarfile
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .services import require_tools
 
@@ -104,7 +104,15 @@ class Image:
 def tar_gz(files: Mapping[str, bytes]) -> tuple[bytes, str]:
     """A gzip tar layer of `files` and its diff_id (the digest of the plain tar)."""
     plain = io.BytesIO()
+    directories = sorted({str(parent) for path in files for parent in PurePosixPath(path).parents} - {"."})
     with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        # Real layers carry their directories before the files in them.
+        for directory in directories:
+            info = tarfile.TarInfo(directory)
+            info.type = tarfile.DIRTYPE
+            info.mtime = 1_700_000_000
+            info.mode = 0o755
+            tar.addfile(info)
         for path, content in sorted(files.items()):
             info = tarfile.TarInfo(path)
             info.size = len(content)

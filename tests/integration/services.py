@@ -440,6 +440,7 @@ class Archeio:
 
     url: str
     host: str
+    admin_url: str  # /metrics, /healthz, /readyz
     env: dict[str, str]
     process: Process
 
@@ -454,13 +455,18 @@ def ranges_dir() -> Path | None:
 def archeio_server(workdir: Path, settings: Mapping[str, str], name: str = "archeio") -> Iterator[Archeio]:
     """`python -m archeio serve` with `settings` as environment variables.
 
-    PORT and ARCHEIO_HOST are chosen here (a free loopback port);
+    PORT, ARCHEIO_HOST and the admin port are chosen here (free loopback ports);
     ARCHEIO_RANGES_DIR defaults to the shared range data when it exists.
     """
     base = workdir / name
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = {"ARCHEIO_HOST": LOOPBACK, "PORT": str(port), "ARCHEIO_ACCESS_LOG": "1"}
+    admin_port = free_port()
+    env = {
+        "ARCHEIO_HOST": LOOPBACK, "PORT": str(port),
+        "ARCHEIO_ADMIN_HOST": LOOPBACK, "ARCHEIO_ADMIN_PORT": str(admin_port),
+        "ARCHEIO_ACCESS_LOG": "1",
+    }
     shared = ranges_dir()
     if shared is not None:
         env["ARCHEIO_RANGES_DIR"] = str(shared)
@@ -471,7 +477,7 @@ def archeio_server(workdir: Path, settings: Mapping[str, str], name: str = "arch
     with running(name, argv, base / "archeio.log", env=full_env, cwd=base) as process:
         url = f"http://{LOOPBACK}:{port}"
         wait_for_http(process, url + "/v2/")
-        yield Archeio(url, f"{LOOPBACK}:{port}", env, process)
+        yield Archeio(url, f"{LOOPBACK}:{port}", f"http://{LOOPBACK}:{admin_port}", env, process)
 
 
 def write_mirrors_file(path: Path, mirrors: Mapping[str, Mapping[str, str]]) -> Path:
@@ -483,3 +489,66 @@ def write_mirrors_file(path: Path, mirrors: Mapping[str, Mapping[str, str]]) -> 
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+# -- containerd ----------------------------------------------------------------------------
+
+
+@dataclass
+class Containerd:
+    """A private containerd daemon (content, images, native snapshotter; no runtime)."""
+
+    address: str  # its gRPC socket, for `ctr --address`
+    root: Path
+    process: Process
+
+    def ctr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run `ctr` against this daemon in the `integration` namespace."""
+        argv = [require_tools("ctr")["ctr"], "--address", self.address, "--namespace", "integration", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# Plugins that need a container runtime, cgroups or kernel features we do not
+# use: pulling and unpacking needs only content, metadata and snapshotters.
+_CONTAINERD_DISABLED = [
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.internal.v1.opt",
+    "io.containerd.internal.v1.tracing",
+    "io.containerd.monitor.v1.cgroups",
+    "io.containerd.runtime.v1.linux",
+    "io.containerd.runtime.v2.task",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.tracing.processor.v1.otlp",
+]
+
+
+@contextlib.contextmanager
+def containerd_daemon(workdir: Path, name: str = "containerd") -> Iterator[Containerd]:
+    """containerd with its root, state and sockets under `workdir` (needs root)."""
+    program = require_tools("containerd", "ctr")["containerd"]
+    base = workdir / name
+    base.mkdir(parents=True, exist_ok=True)
+    address = str(base / "containerd.sock")
+    config = "\n".join([
+        "version = 2",
+        f'root = "{base / "root"}"',
+        f'state = "{base / "state"}"',
+        f"disabled_plugins = {json.dumps(_CONTAINERD_DISABLED)}",
+        "[grpc]",
+        f'  address = "{address}"',
+        "[ttrpc]",
+        f'  address = "{base / "containerd.ttrpc.sock"}"',
+        "",
+    ])
+    config_path = base / "config.toml"
+    config_path.write_text(config)
+    with running(name, [program, "--config", str(config_path)], base / "containerd.log") as process:
+        daemon = Containerd(address, base / "root", process)
+        wait_until(
+            lambda: Path(address).exists() and daemon.ctr("version", timeout=10).returncode == 0,
+            what=f"containerd at {address}", alive=process.check_alive,
+        )
+        yield daemon
