@@ -1,0 +1,235 @@
+"""What every benchmark script needs: ports, processes, CPU accounting, the machine.
+
+The benchmarks use the server only through its public faces: they start the
+real `archeio serve` command as a subprocess with settings in its
+environment, talk HTTP to it on loopback, and read its CPU time from
+/proc. Every process started here is stopped by its own PID (its process
+group, which it leads), also when the benchmark fails.
+
+Only loopback addresses are ever used: servers bind 127.0.0.1 and every
+URL built here points there.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+RESULTS = BENCHMARKS / "results"
+SHARED_RANGES = REPO.parent / "shared" / "ranges"
+LOOPBACK = "127.0.0.1"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def shared_ranges_dir() -> Path | None:
+    """The team's real published range files, or None where they are absent."""
+    return SHARED_RANGES if SHARED_RANGES.is_dir() else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(cpus: str | None, command: Sequence[str]) -> list[str]:
+    """`command` run on the given CPU list (taskset syntax), when asked and possible."""
+    if cpus and shutil.which("taskset"):
+        return ["taskset", "-c", cpus, *command]
+    return list(command)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def can_pin() -> bool:
+    """Pinning the server and the load generator apart needs two CPUs and taskset."""
+    return cpu_count() >= 2 and shutil.which("taskset") is not None
+
+
+class Process:
+    """A child process in its own process group, stopped by its PID."""
+
+    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None,
+                 log: Path | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.command = list(command)
+        self._log = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            self.command, env=dict(env) if env is not None else None, cwd=cwd,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the group this process leads, then SIGKILL after `timeout`."""
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def http_status(port: int, path: str = "/v2/", timeout: float = 1.0) -> int | None:
+    """One GET on loopback; the status, or None if nothing answers yet."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+def wait_until_serving(process: Process, port: int, path: str = "/v2/", timeout: float = 30.0) -> None:
+    """Poll until `port` answers HTTP; fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited with {process.popen.returncode} before serving")
+        if http_status(port, path) is not None:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{process.name} did not serve on port {port} within {timeout} s")
+
+
+def archeio_command() -> list[str]:
+    """The real `archeio serve` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "archeio"
+    if script.exists():
+        return [str(script), "serve"]
+    return [sys.executable, "-m", "archeio", "serve"]
+
+
+def start_serving(name: str, command: Sequence[str], port: int, env: Mapping[str, str] | None = None,
+                  log: Path | None = None, ready_path: str = "/v2/") -> Process:
+    """Start `command` and return once `port` answers HTTP; stopped again if it never does."""
+    process = Process(name, command, env, log=log)
+    try:
+        wait_until_serving(process, port, ready_path)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+def start_archeio(env: Mapping[str, str], port: int, cpus: str | None = None,
+                  log: Path | None = None, name: str = "archeio") -> Process:
+    """`archeio serve` on 127.0.0.1:`port` with `env` added to ours, once it serves.
+
+    The admin port is off unless `env` sets one: several servers run side by
+    side, and its default port would clash.
+    """
+    full_env = {**os.environ, "ARCHEIO_ADMIN_PORT": "0", **env, "PORT": str(port), "ARCHEIO_HOST": LOOPBACK}
+    return start_serving(name, pinned(cpus, archeio_command()), port, full_env, log)
+
+
+def start_bucket(port: int, *args: str, cpus: str | None = None, log: Path | None = None) -> Process:
+    """The stand-in bucket (standin_bucket.py) on 127.0.0.1:`port`."""
+    command = [sys.executable, str(BENCHMARKS / "standin_bucket.py"), "--port", str(port), *args]
+    return start_serving("stand-in bucket", pinned(cpus, command), port, log=log, ready_path="/")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for task in tasks:
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (a server's workers, nginx's worker)."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(_children(current))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and its live descendants, from /proc/<pid>/stat."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces: split after its ')'.
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / _CLOCK_TICKS
+
+
+def machine() -> dict[str, object]:
+    """What the figures were measured on."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def machine_line(info: Mapping[str, object]) -> str:
+    return (f"{info['date']}, {info['cpu_model']}, {info['cores']} cores, "
+            f"Python {info['python']}, Linux {info['kernel']}, load average at start "
+            f"{', '.join(str(x) for x in info['load_average_at_start'])}")  # type: ignore[attr-defined]
+
+
+def write_mirrors_file(path: Path, mirrors: Mapping[str, Mapping[str, str]]) -> Path:
+    """An ARCHEIO_MIRRORS_FILE: `[mirrors.<Cloud>]` tables of region = base URL."""
+    lines: list[str] = []
+    for cloud, regions in mirrors.items():
+        lines.append(f"[mirrors.{cloud}]")
+        lines += [f'"{region}" = "{url}"' for region, url in regions.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
