@@ -11,6 +11,9 @@ from __future__ import annotations
 import datetime
 import gzip
 import importlib.util
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import msgpack
@@ -45,7 +48,59 @@ def _keep(cloud: str, entry: dict[str, object]) -> bool:
     return True
 
 
+# Bump when the compiled form changes shape.
+_COMPILED_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where the compiled form is kept: $ARCHEIO_CACHE_DIR, else the user cache."""
+    explicit = os.environ.get("ARCHEIO_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "archeio"
+
+
+def _compiled_path(source: Path) -> Path:
+    stat = source.stat()
+    return cache_dir() / f"embedded-v{_COMPILED_VERSION}-{stat.st_size}-{stat.st_mtime_ns}.json"
+
+
 def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
+    """The embedded ranges, one `ProviderRanges` per cloud.
+
+    Decoding the package's database and keeping our three clouds takes a
+    few hundred milliseconds; the result is kept in a small JSON file in
+    the cache directory (built at first start, or at image build time), so
+    later starts read only that. A cache that cannot be read or written is
+    simply not used: a read-only file system costs start-up time, nothing else.
+    """
+    source = path or data_file()
+    try:
+        compiled = _compiled_path(source)
+        doc = json.loads(compiled.read_bytes())
+        return [
+            ProviderRanges(p["cloud"], tuple((a, b) for a, b in p["prefixes"]), p["serial"], p["date"])
+            for p in doc
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    providers = decode_embedded(source)
+    try:
+        compiled.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=compiled.parent, delete=False, suffix=".tmp") as out:
+            json.dump([
+                {"cloud": p.cloud, "serial": p.serial, "date": p.date, "prefixes": p.prefixes}
+                for p in providers
+            ], out)
+        os.chmod(out.name, 0o644)  # an image built as root is run as another user
+        os.replace(out.name, compiled)
+    except OSError:
+        pass
+    return providers
+
+
+def decode_embedded(path: Path | None = None) -> list[ProviderRanges]:
     """Parse the embedded database into one `ProviderRanges` per cloud."""
     path = path or data_file()
     try:

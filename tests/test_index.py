@@ -195,3 +195,34 @@ def test_loading_embedded_data_opens_no_network_connection() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr + result.stdout
     assert result.stdout.startswith("ok ")
+
+
+def test_embedded_data_is_compiled_once_into_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iprange import embedded
+
+    monkeypatch.setenv("ARCHEIO_CACHE_DIR", str(tmp_path / "cache"))
+    first = embedded.load_embedded()
+    compiled = list((tmp_path / "cache").glob("embedded-*.json"))
+    assert len(compiled) == 1
+    assert embedded.load_embedded() == first == embedded.decode_embedded()
+
+
+def test_corrupt_compiled_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iprange import embedded
+
+    monkeypatch.setenv("ARCHEIO_CACHE_DIR", str(tmp_path))
+    embedded.load_embedded()
+    (compiled,) = tmp_path.glob("embedded-*.json")
+    compiled.write_text('[{"cloud": "AWS"')
+    providers = embedded.load_embedded()
+    assert CloudIndex(providers).lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-west-3")
+    assert json.loads(compiled.read_text())  # rewritten whole
+
+
+def test_unwritable_cache_dir_still_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iprange import embedded
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("ARCHEIO_CACHE_DIR", str(blocker / "sub"))  # cannot be created
+    assert CloudIndex(embedded.load_embedded()).lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-west-3")
