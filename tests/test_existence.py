@@ -1,0 +1,171 @@
+"""The existence cache and circuit breaker as units: TTLs, bounds, coalescing, breaker states.
+
+The bucket is the real local stand-in server (tests/bucket.py); the HTTP
+path through the public port is covered in tests/test_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from archeio.existence import CLOSED, HALF_OPEN, OPEN, BlobExistenceCache, CircuitBreaker
+
+D = "sha256:" + "d" * 64
+
+
+def make(**overrides: Any) -> BlobExistenceCache:
+    options: dict[str, Any] = dict(
+        hit_ttl=60, miss_ttl=60, error_ttl=1, size=100, head_timeout=1.0,
+        head_concurrency=10, breaker_failures=3, breaker_cooldown=10,
+    )
+    options.update(overrides)
+    return BlobExistenceCache(**options)
+
+
+def test_breaker_opens_after_consecutive_failures() -> None:
+    breaker = CircuitBreaker("m", failures=3, cooldown=10)
+    for now in (1.0, 2.0):
+        breaker.record(False, now)
+        assert breaker.state == CLOSED
+    breaker.record(False, 3.0)
+    assert breaker.state == OPEN
+    assert not breaker.allow(5.0)
+
+
+def test_success_resets_the_failure_count() -> None:
+    breaker = CircuitBreaker("m", failures=3, cooldown=10)
+    breaker.record(False, 1.0)
+    breaker.record(False, 2.0)
+    breaker.record(True, 3.0)
+    breaker.record(False, 4.0)
+    assert breaker.state == CLOSED
+
+
+def test_breaker_probes_once_after_cooldown_and_closes_on_success() -> None:
+    changes: list[tuple[str, str]] = []
+    breaker = CircuitBreaker("m", failures=1, cooldown=10, on_change=lambda m, s: changes.append((m, s)))
+    breaker.record(False, 0.0)
+    assert breaker.allow(10.5)  # the probe
+    assert breaker.state == HALF_OPEN
+    assert not breaker.allow(10.6)  # only one probe at a time
+    breaker.record(True, 10.7)
+    assert breaker.state == CLOSED and breaker.allow(10.8)
+    assert changes == [("m", OPEN), ("m", HALF_OPEN), ("m", CLOSED)]
+
+
+def test_failed_probe_reopens_for_another_cooldown() -> None:
+    breaker = CircuitBreaker("m", failures=1, cooldown=10)
+    breaker.record(False, 0.0)
+    assert breaker.allow(11.0)
+    breaker.record(False, 11.5)
+    assert breaker.state == OPEN
+    assert not breaker.allow(20.0)
+    assert breaker.allow(21.6)
+
+
+def test_lost_probe_is_replaced_after_a_cooldown() -> None:
+    breaker = CircuitBreaker("m", failures=1, cooldown=10)
+    breaker.record(False, 0.0)
+    assert breaker.allow(10.0)  # probe never reports back (request cancelled)
+    assert not breaker.allow(15.0)
+    assert breaker.allow(20.5)
+
+
+async def test_check_caches_hits_and_misses(bucket: Any) -> None:
+    bucket.add("m", D)
+    cache = make()
+    await cache.start()
+    try:
+        mirror, other = bucket.base("m"), bucket.base("n")
+        assert cache.cached(mirror, D) is None
+        assert await cache.check(mirror, D) is True
+        assert await cache.check(other, D) is False
+        assert cache.cached(mirror, D) is True
+        assert cache.cached(other, D) is False
+        assert cache.sizes == {"hits": 1, "misses": 1}
+        assert sum(bucket.heads.values()) == 2
+    finally:
+        await cache.close()
+
+
+async def test_caches_are_bounded_separately(bucket: Any) -> None:
+    bucket.add("m", D)
+    cache = make(size=5, head_concurrency=100)
+    await cache.start()
+    try:
+        mirror = bucket.base("m")
+        await cache.check(mirror, D)
+        # A flood of misses fills the miss cache but cannot evict the hit.
+        await asyncio.gather(*(cache.check(mirror, f"sha256:{i:064x}") for i in range(50)))
+        assert cache.sizes == {"hits": 1, "misses": 5}
+        assert cache.cached(mirror, D) is True
+    finally:
+        await cache.close()
+
+
+async def test_miss_expires_after_its_ttl(bucket: Any) -> None:
+    cache = make(miss_ttl=0.1)
+    await cache.start()
+    try:
+        mirror = bucket.base("m")
+        assert await cache.check(mirror, D) is False
+        assert cache.cached(mirror, D) is False
+        bucket.add("m", D)
+        for _ in range(100):
+            if cache.cached(mirror, D) is None:
+                break
+            await asyncio.sleep(0.02)
+        assert cache.cached(mirror, D) is None
+        assert await cache.check(mirror, D) is True
+    finally:
+        await cache.close()
+
+
+async def test_checks_beyond_the_cap_are_not_queued(bucket: Any) -> None:
+    bucket.delay = 0.5
+    cache = make(head_concurrency=2)
+    await cache.start()
+    try:
+        mirror = bucket.base("m")
+        results = await asyncio.gather(*(cache.check(mirror, f"sha256:{i:064x}") for i in range(6)))
+        assert results == [False] * 6
+        assert cache.outcomes["over_capacity"] == 4
+        assert sum(bucket.heads.values()) == 2
+    finally:
+        await cache.close()
+
+
+async def test_concurrent_checks_of_one_blob_share_a_head(bucket: Any) -> None:
+    bucket.add("m", D)
+    bucket.delay = 0.2
+    cache = make()
+    await cache.start()
+    try:
+        results = await asyncio.gather(*(cache.check(bucket.base("m"), D) for _ in range(10)))
+        assert results == [True] * 10
+        assert bucket.heads[f"m/{D}"] == 1
+        assert cache.outcomes["coalesced"] == 9
+    finally:
+        await cache.close()
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+async def test_server_errors_open_the_breaker_and_answer_false(bucket: Any, status: int) -> None:
+    bucket.add("m", D)
+    bucket.status = status
+    cache = make(breaker_failures=2, error_ttl=0)
+    await cache.start()
+    try:
+        mirror = bucket.base("m")
+        for i in range(2):
+            assert await cache.check(mirror, f"sha256:{i:064x}") is False
+        assert cache.breakers[mirror].state == OPEN
+        # Open: even a blob the mirror holds is not trusted, without a HEAD.
+        heads = sum(bucket.heads.values())
+        assert cache.cached(mirror, D) is False
+        assert sum(bucket.heads.values()) == heads
+    finally:
+        await cache.close()
