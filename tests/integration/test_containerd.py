@@ -27,6 +27,10 @@ REGISTRY_NAME = "registry.archeio.test"
 
 @pytest.fixture(scope="module")
 def containerd(workdir: Path) -> Iterator[Containerd]:
+    try:
+        services.require_tools("containerd", "ctr")
+    except services.MissingTool as exc:
+        pytest.fail(str(exc), pytrace=False)
     with services.containerd_daemon(workdir) as daemon:
         yield daemon
 
