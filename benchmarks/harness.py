@@ -12,8 +12,10 @@ URL built here points there.
 
 from __future__ import annotations
 
+import csv
 import datetime
 import http.client
+import json
 import os
 import platform
 import shutil
@@ -24,6 +26,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -233,3 +236,70 @@ def write_mirrors_file(path: Path, mirrors: Mapping[str, Mapping[str, str]]) -> 
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+# -- the realistic rig: stand-in bucket, mirrors, Locust -------------------
+
+# Azure regions given a mirror in the realistic rig (a sponsor added by
+# configuration alone); the others fall back to the default like unknown clients.
+AZURE_MIRROR_REGIONS = ("westeurope", "eastus", "westus2")
+
+
+def local_mirrors_env(tmp: Path, bucket_port: int) -> dict[str, str]:
+    """Settings that point every mirror, and the default, at the stand-in bucket.
+
+    The AWS regions are upstream's built-in table, each with its own path on
+    the bucket (so each is its own mirror to the server's cache); nothing
+    leaves loopback.
+    """
+    from archeio.config import builtin_mirrors
+
+    base = f"http://{LOOPBACK}:{bucket_port}"
+    mirrors = {
+        "AWS": {region: f"{base}/aws-{region}" for region in builtin_mirrors().by_cloud["AWS"]},
+        "Azure": {region: f"{base}/azure-{region}" for region in AZURE_MIRROR_REGIONS},
+    }
+    return {
+        "ARCHEIO_MIRRORS_FILE": str(write_mirrors_file(tmp / "mirrors.toml", mirrors)),
+        "DEFAULT_AWS_BASE_URL": f"{base}/cdn",
+    }
+
+
+def bucket_counts(port: int) -> dict[str, int]:
+    """HEADs (and GETs) the stand-in bucket has answered, by status."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=5)
+    try:
+        conn.request("GET", "/")
+        return dict(json.loads(conn.getresponse().read()))
+    finally:
+        conn.close()
+
+
+def run_locust(port: int, env: Mapping[str, str], users: int, seconds: int, out: Path,
+               cpus: str | None = None, timeout: float | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """One headless Locust run of benchmarks/locustfile.py against 127.0.0.1:`port`.
+
+    `env` carries the server's settings and the BENCH_* knobs. Returns
+    Locust's exit status (non-zero when any request failed), the
+    locustfile's own summary (exact percentiles over the window after
+    BENCH_WARMUP) and Locust's aggregated statistics row.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    summary_file = out / "summary.json"
+    command = pinned(cpus, [
+        str(Path(sys.executable).parent / "locust"), "-f", str(BENCHMARKS / "locustfile.py"),
+        "--headless", "--only-summary", "--users", str(users), "--spawn-rate", str(users),
+        "--run-time", f"{seconds}s", "--stop-timeout", "5", "--host", f"http://{LOOPBACK}:{port}",
+        "--csv", str(out / "locust"), "--loglevel", "WARNING",
+    ])
+    full_env = {**os.environ, **env, "BENCH_SUMMARY_FILE": str(summary_file)}
+    with open(out / "locust.log", "wb") as log:
+        done = subprocess.run(command, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=timeout or seconds + 120, check=False)
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    aggregated: dict[str, str] = {}
+    stats = out / "locust_stats.csv"
+    if stats.exists():
+        with open(stats, newline="") as rows:
+            aggregated = next((row for row in csv.DictReader(rows) if row["Name"] == "Aggregated"), {})
+    return done.returncode, summary, aggregated
