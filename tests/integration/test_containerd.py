@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from . import services
-from .conftest import Catalog
+from .clients import assert_served_from_right_place
 from .places import Places
 from .services import Containerd, Proxy
-from .test_pulls import assert_served_from_right_place
+from .topology import Catalog
 
 pytestmark = pytest.mark.integration
 

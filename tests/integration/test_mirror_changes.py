@@ -15,10 +15,10 @@ import pytest
 import requests
 
 from . import services
-from .conftest import BUCKET_OF_CLIENT, CLIENTS, Catalog, archeio_settings
+from .clients import assert_served_from_right_place, pulled_digest, skopeo_copy
 from .places import Places
 from .services import Proxy, Registry, S3Server
-from .test_pulls import assert_served_from_right_place, pulled_digest, skopeo_copy
+from .topology import BUCKET_OF_CLIENT, CLIENTS, Catalog, archeio_settings
 
 pytestmark = pytest.mark.integration
 

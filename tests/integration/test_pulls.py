@@ -20,63 +20,22 @@ import pytest
 import requests
 
 from . import images
-from .conftest import BUCKET_OF_CLIENT, CLIENTS, PAGINATED_TAGS, UPSTREAM_PATH, Catalog
+from .clients import (
+    assert_served_from_right_place,
+    expected_place,
+    layout_blob,
+    pulled_digest,
+    skopeo_copy,
+    skopeo_inspect,
+)
 from .images import Image
-from .places import Mark, Places
+from .places import Places
 from .services import Archeio, Proxy, Registry
+from .topology import CLIENTS, PAGINATED_TAGS, UPSTREAM_PATH, Catalog
 
 pytestmark = pytest.mark.integration
 
 ALL_CLIENTS = sorted(CLIENTS)
-
-
-def skopeo_inspect(proxy: Proxy, client: str, reference: str, *extra: str) -> str:
-    return images.skopeo(
-        "inspect", "--tls-verify=false", "--no-creds", *extra,
-        f"docker://{proxy.host(client)}/{reference}",
-    ).stdout
-
-
-def skopeo_copy(proxy: Proxy, client: str, reference: str, destination: Path, *extra: str) -> Path:
-    """Copy `reference` through `client`'s listener into a fresh OCI layout; its path."""
-    images.skopeo(
-        "copy", "--tls-verify=false", "--src-no-creds", "--preserve-digests", *extra,
-        f"docker://{proxy.host(client)}/{reference}", f"oci:{destination}:pulled",
-    )
-    return destination
-
-
-def pulled_digest(layout: Path) -> str:
-    """The digest the layout's `pulled` ref points at."""
-    index = json.loads((layout / "index.json").read_text())
-    [descriptor] = [
-        m for m in index["manifests"]
-        if m.get("annotations", {}).get(images.REF_NAME) == "pulled"
-    ]
-    return str(descriptor["digest"])
-
-
-def layout_blob(layout: Path, digest: str) -> bytes:
-    return (layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).read_bytes()
-
-
-def expected_place(catalog: Catalog, client: str, digest: str) -> str:
-    """Where `client` must get blob `digest` from: its bucket if that holds it, else the registry."""
-    bucket = BUCKET_OF_CLIENT[client]
-    return bucket if bucket is not None and catalog.bucket_holds(bucket, digest) else "registry"
-
-
-def assert_served_from_right_place(
-    places: Places, mark: Mark, catalog: Catalog, client: str, image_blobs: tuple[images.Blob, ...],
-) -> None:
-    """Each blob was fetched (GET) exactly from its expected place, nowhere else."""
-    for blob in image_blobs:
-        served = places.blob_gets_since(mark, blob.digest)
-        expected = expected_place(catalog, client, blob.digest)
-        assert set(served) == {expected}, (
-            f"{client}: blob {blob.digest} ({blob.media_type}) should come from {expected}, "
-            f"GETs seen: {dict(served)}"
-        )
 
 
 # -- skopeo ------------------------------------------------------------------------
