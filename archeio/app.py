@@ -14,7 +14,6 @@ exporter reads.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -38,6 +37,10 @@ from .routing import (
 
 log = logging.getLogger("archeio")
 access_log = logging.getLogger("archeio.access")
+
+# What an access log line needs beyond the decision: (start time, X-Forwarded-For,
+# peer address, X-Cloud-Trace-Context); only built for sampled requests.
+AccessContext = tuple[float, str | None, str | None, bytes | None]
 
 _REASONS = {
     200: b"OK",
@@ -129,24 +132,25 @@ class Frontend:
 
     def respond(
         self, method: str, path: str, query: str, forwarded: str | None, peer: str | None,
-        keep_alive: bool,
+        keep_alive: bool, trace: bytes | None = None,
     ) -> bytes | tuple[Route, Placement | None, str]:
         """Response bytes, or (route, placement, mirror) when a HEAD is needed."""
+        request = (time.perf_counter(), forwarded, peer, trace) if self._access_sample else None
         route = self.router.classify(method, path)
         if type(route) is LocalAnswer:
             self.requests[("other", LOCAL, route.status)] += 1
-            self._log(method, path, query, route.status, "other", LOCAL, None, None)
+            self._log(method, path, query, route.status, "other", LOCAL, None, None, request)
             return self.answer(route, method == "HEAD", keep_alive)
         assert isinstance(route, Route)
         if route.kind != BLOB or route.digest is None:
             decision = self.router.upstream_location(route, query)
-            return self._redirect(method, path, query, route, decision, None, keep_alive)
+            return self._redirect(method, path, query, route, decision, None, keep_alive, request)
 
         address = client_ip(forwarded, peer, self._trusted_hops) if self._use_forwarded else peer
         placement = self._placement(address) if address else False
         if placement is False:
             self.requests[(BLOB, LOCAL, 400)] += 1
-            self._log(method, path, query, 400, BLOB, LOCAL, None, None)
+            self._log(method, path, query, 400, BLOB, LOCAL, None, None, request)
             return self.answer(CLIENT_IP_INVALID, method == "HEAD", keep_alive)
         assert placement is not True
         mirror = self.router.mirror_for(placement)
@@ -157,17 +161,21 @@ class Frontend:
             if found is None:
                 return route, placement, mirror
         decision = self.router.decide(route, query, placement, found)
-        return self._redirect(method, path, query, route, decision, placement, keep_alive)
+        return self._redirect(method, path, query, route, decision, placement, keep_alive, request)
 
     async def respond_after_check(
         self, method: str, path: str, query: str, route: Route, placement: Placement | None,
-        mirror: str, keep_alive: bool,
+        mirror: str, keep_alive: bool, client: tuple[str | None, str | None, bytes | None] | None = None,
     ) -> bytes:
-        """The blob answer once the mirror has been asked."""
+        """The blob answer once the mirror has been asked.
+
+        `client` is (X-Forwarded-For, peer, X-Cloud-Trace-Context), for the access log.
+        """
         assert route.digest is not None
+        request = (time.perf_counter(), *client) if self._access_sample and client else None
         found = await self.cache.check(mirror, route.digest)
         decision = self.router.decide(route, query, placement, found)
-        return self._redirect(method, path, query, route, decision, placement, keep_alive)
+        return self._redirect(method, path, query, route, decision, placement, keep_alive, request)
 
     def _placement(self, address: str) -> Placement | None | bool:
         """The client's placement; False if the address is not an address."""
@@ -186,7 +194,7 @@ class Frontend:
 
     def _redirect(
         self, method: str, path: str, query: str, route: Route, decision: Decision,
-        placement: Placement | None, keep_alive: bool,
+        placement: Placement | None, keep_alive: bool, request: AccessContext | None = None,
     ) -> bytes:
         self.requests[(route.kind, decision.backend, 307)] += 1
         if route.kind == BLOB:
@@ -194,23 +202,38 @@ class Frontend:
                 self.blob_decisions[("", "", decision.backend)] += 1
             else:
                 self.blob_decisions[(placement.cloud, placement.region, decision.backend)] += 1
-        if self._access_sample:
-            self._log(method, path, query, 307, route.kind, decision.backend, placement, decision.location)
+        if request is not None:
+            self._log(method, path, query, 307, route.kind, decision.backend, placement, decision.location,
+                      request)
         return self.redirect(decision.location, keep_alive)
 
     def _log(
         self, method: str, path: str, query: str, status: int, kind: str, backend: str,
-        placement: Placement | None, location: str | None,
+        placement: Placement | None, location: str | None, request: AccessContext | None,
     ) -> None:
-        if not self._access_sample or random.random() >= self._access_sample:
+        """One access log line as Google Cloud Logging reads it, for a sampled share."""
+        if request is None or random.random() >= self._access_sample:
             return
+        started, forwarded, peer, trace = request
         url = path + ("?" + query if query else "")
-        access_log.info(json.dumps({
-            "severity": "INFO",
-            "httpRequest": {"requestMethod": method, "requestUrl": url, "status": status},
+        remote = client_ip(forwarded, peer, self._trusted_hops) if self._use_forwarded else peer
+        fields: dict[str, object] = {
+            "httpRequest": {
+                "requestMethod": method, "requestUrl": url, "status": status,
+                "remoteIp": remote or peer, "latency": f"{time.perf_counter() - started:.6f}s",
+            },
             "kind": kind,
             "backend": backend,
             "cloud": placement.cloud if placement else None,
             "region": placement.region if placement else None,
             "location": location,
-        }))
+        }
+        if trace:
+            # X-Cloud-Trace-Context: TRACE_ID/SPAN_ID;o=OPTIONS
+            trace_id = trace.split(b"/", 1)[0].decode("latin-1")
+            fields["trace"] = trace_id
+            if self.settings.trace_project:
+                fields["logging.googleapis.com/trace"] = (
+                    f"projects/{self.settings.trace_project}/traces/{trace_id}"
+                )
+        access_log.info("%s %s %s", method, url, status, extra={"fields": fields})

@@ -1,4 +1,4 @@
-"""The `archeio` command line: `serve`, `settings`.
+"""The `archeio` command line: `serve`, `settings`, `mirror`.
 
 Only argument handling lives here; `server` runs things. A configuration
 error prints one line naming the variable and exits with status 2.
@@ -12,6 +12,8 @@ import sys
 from iprange import RangeFileError
 
 from .config import ConfigError, add_arguments, load_settings, settings_table
+from .mirror.cli import add_arguments as add_mirror_arguments
+from .mirror.cli import run as run_mirror
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_arguments(serve)
     commands.add_parser("settings", help="print the table of every setting (Markdown)")
+    add_mirror_arguments(commands.add_parser("mirror", help="copy blobs from a registry into S3 buckets"))
     return parser
 
 
@@ -32,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "settings":
         print(settings_table())
         return 0
+    if args.command == "mirror":
+        return run_mirror(args)
     from .logs import setup_logging
-    from .server import run
+    from .workers import serve
 
     try:
         settings = load_settings(overrides=vars(args))
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(settings.log_level)
     try:
-        run(settings)
+        serve(settings)  # --workers N: N processes on the port, see workers.py
     except RangeFileError as exc:
         print(f"archeio: configuration error: ARCHEIO_RANGES_DIR: {exc}", file=sys.stderr)
         return 2

@@ -109,9 +109,10 @@ class RegistryProtocol(asyncio.Protocol):
         self._peer: str | None = None
         self._url = b""
         self._forwarded: bytes | None = None
+        self._trace: bytes | None = None  # X-Cloud-Trace-Context, for access logs
         self._header_bytes = 0
         self._too_large = 0
-        self._queue: deque[tuple[str, bytes, bytes | None, bool]] = deque()
+        self._queue: deque[tuple[str, bytes, bytes | None, bool, bytes | None]] = deque()
         self._waiting = False  # an existence check is running for this connection
         self._paused_writing = False
         self._in_request = False
@@ -175,6 +176,7 @@ class RegistryProtocol(asyncio.Protocol):
         self._in_request = True
         self._url = b""
         self._forwarded = None
+        self._trace = None
         self._header_bytes = 0
         if not self.header_deadline:
             self.header_deadline = self._loop.time() + self._connections.header_timeout
@@ -193,6 +195,8 @@ class RegistryProtocol(asyncio.Protocol):
         if len(name) == 15 and name.lower() == _XFF:
             # Repeated headers form one comma-separated list (RFC 9110 5.3).
             self._forwarded = value if self._forwarded is None else self._forwarded + b"," + value
+        elif len(name) == 21 and name.lower() == _TRACE:
+            self._trace = value
 
     def on_headers_complete(self) -> None:
         self.header_deadline = 0.0
@@ -201,7 +205,7 @@ class RegistryProtocol(asyncio.Protocol):
         self._in_request = False
         method = _METHODS.get(self._parser.get_method(), "OTHER")
         keep_alive = self._parser.should_keep_alive() and not self._connections.closing
-        request = (method, self._url, self._forwarded, keep_alive)
+        request = (method, self._url, self._forwarded, keep_alive, self._trace)
         if self._waiting or self._queue:
             if len(self._queue) >= _MAX_QUEUED:
                 self._send_error(_BAD_REQUEST)
@@ -212,14 +216,14 @@ class RegistryProtocol(asyncio.Protocol):
 
     # -- answering ----------------------------------------------------------
 
-    def _dispatch(self, request: tuple[str, bytes, bytes | None, bool]) -> None:
-        method, url, forwarded, keep_alive = request
+    def _dispatch(self, request: tuple[str, bytes, bytes | None, bool, bytes | None]) -> None:
+        method, url, forwarded, keep_alive, trace = request
         target = url.decode("latin-1")
         path, _, query = target.partition("?")
         frontend = self._frontend
         result = frontend.respond(
             method, path, query, forwarded.decode("latin-1") if forwarded else None,
-            self._peer, keep_alive,
+            self._peer, keep_alive, trace,
         )
         if type(result) is bytes:
             self._write(result, keep_alive)
@@ -229,7 +233,10 @@ class RegistryProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.pause_reading()
         self._loop.create_task(self._answer_later(
-            frontend.respond_after_check(method, path, query, route, placement, mirror, keep_alive),
+            frontend.respond_after_check(
+                method, path, query, route, placement, mirror, keep_alive,
+                (forwarded.decode("latin-1") if forwarded else None, self._peer, trace),
+            ),
             keep_alive,
         ))
 

@@ -2,33 +2,42 @@
 
 Start-up loads the range index, opens the existence cache's client session,
 binds the public port and logs the configuration and the range data's date
-once. SIGTERM or SIGINT starts a graceful stop: stop accepting, close idle
-connections, let busy ones finish their answer within `grace` seconds,
-close the client session, return.
+once. SIGHUP (and the `ranges_refresh` timer) reloads the range files
+(reload.py). SIGTERM or SIGINT starts a graceful stop: /readyz fails at
+once, requests are still served for `drain_delay` seconds (load balancers
+need that long to stop sending), then the port stops accepting, idle
+connections close, busy ones finish their answer within `grace` seconds,
+the client session closes, and `run` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import uvloop
 
 from iprange import describe, load_index
 
+from .admin import start_admin
 from .app import Frontend
 from .config import Settings
 from .existence import BlobExistenceCache
+from .metrics import ServerSource, WorkerStats, snapshot, write_snapshot
 from .protocol import Connections
+from .reload import RangeReloader
 
 log = logging.getLogger("archeio")
 
 
-def make_cache(settings: Settings) -> BlobExistenceCache:
+def make_cache(
+    settings: Settings, on_check: Callable[[str, str, float], None] | None = None
+) -> BlobExistenceCache:
     return BlobExistenceCache(
         hit_ttl=settings.cache_hit_ttl,
         miss_ttl=settings.cache_miss_ttl,
@@ -38,6 +47,7 @@ def make_cache(settings: Settings) -> BlobExistenceCache:
         head_concurrency=settings.head_concurrency,
         breaker_failures=settings.breaker_failures,
         breaker_cooldown=settings.breaker_cooldown,
+        on_check=on_check,
     )
 
 
@@ -57,25 +67,53 @@ def bind(settings: Settings, reuse_port: bool = False) -> socket.socket:
 
 
 class Server:
-    """One serving process: the public port and its housekeeping."""
+    """One serving process: the public port and its housekeeping.
 
-    def __init__(self, settings: Settings, grace: float = 5.0) -> None:
+    `admin` serves the admin port from this process (a single-process
+    server); a worker of several instead writes its metrics snapshot to
+    `snapshot_path` every second for the supervisor (workers.py).
+    """
+
+    def __init__(
+        self, settings: Settings, grace: float | None = None, *, admin: bool = False,
+        worker: str = "0", snapshot_path: Path | None = None,
+    ) -> None:
         self.settings = settings
-        self.grace = grace
+        self.grace = settings.grace_period if grace is None else grace
+        self.admin = admin
+        self.worker = worker
+        self.snapshot_path = snapshot_path
         self.stopping = asyncio.Event()
+        self.draining = False
+        self.stats = WorkerStats()
         self.frontend: Frontend | None = None
         self.connections: Connections | None = None
+        self.reloader: RangeReloader | None = None
         self.port: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.port is not None and not self.draining
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
+        if self.port is None:
+            return False, "starting"
+        return True, "ready"
 
     async def run(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         settings = self.settings
         index = load_index(settings.ranges_dir)
-        cache = make_cache(settings)
+        cache = make_cache(settings, self.stats.on_check)
         await cache.start()
         self.frontend = frontend = Frontend(settings, index, cache)
         self.connections = connections = Connections(frontend, loop)
+        self.reloader = reloader = RangeReloader(
+            frontend, settings.ranges_dir, settings.ranges_max_loss, self.stats.reloads
+        )
         sock = sock or bind(settings)
         server = await loop.create_server(connections.protocol, sock=sock)
         self.port = sock.getsockname()[1]
@@ -90,10 +128,22 @@ class Server:
                 "startup_seconds": round(time.monotonic() - started, 3),
             }},
         )
-        housekeeping = loop.create_task(self._housekeeping())
+        loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
+        background = [loop.create_task(self._housekeeping())]
+        if settings.ranges_refresh:
+            background.append(loop.create_task(reloader.refresh_every(settings.ranges_refresh)))
+        admin = None
         try:
+            if self.admin:
+                admin = await start_admin(settings.admin_host, settings.admin_port, ServerSource(self))
+            self._write_snapshot()
             await self.stopping.wait()
+            self.draining = True
+            self._write_snapshot()
+            log.info("draining: /readyz fails; serving %s s before closing the port", settings.drain_delay)
+            await asyncio.sleep(settings.drain_delay)
         finally:
+            self.draining = True
             log.info("shutting down")
             server.close()
             connections.close_idle()
@@ -102,13 +152,21 @@ class Server:
                 await asyncio.sleep(0.05)
             for conn in list(connections.open):
                 conn.close(reason="grace period over")
-            housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await housekeeping
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await reloader.close()
             await cache.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            if admin is not None:
+                await admin.cleanup()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            self._write_snapshot()
             log.info("stopped")
+
+    def _write_snapshot(self) -> None:
+        if self.snapshot_path is not None:
+            write_snapshot(self.snapshot_path, snapshot(self, self.worker))
 
     async def _housekeeping(self) -> None:
         assert self.frontend is not None and self.connections is not None
@@ -116,8 +174,9 @@ class Server:
             await asyncio.sleep(1.0)
             self.frontend.tick()
             self.connections.sweep()
+            self._write_snapshot()
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, on uvloop."""
-    uvloop.run(Server(settings).run())
+    """Serve in this one process, admin port included, until SIGTERM/SIGINT, on uvloop."""
+    uvloop.run(Server(settings, admin=True).run())
