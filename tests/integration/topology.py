@@ -22,19 +22,23 @@ UPSTREAM_PATH = "integration/images"
 CLIENTS = {
     "aws_region_one": "35.180.1.1",  # AWS eu-west-3
     "aws_region_two": "43.206.1.1",  # AWS ap-northeast-1
+    "aws_unmirrored_region": "54.148.0.1",  # AWS us-west-2: no mirror in our table
     "google_cloud": "35.220.26.1",  # Google Cloud europe-north1
     "unknown": "192.168.0.1",  # in no provider's range
 }
 REGION_ONE = "eu-west-3"
 REGION_TWO = "ap-northeast-1"
 
-# Buckets, and the simulated client whose blobs each one should serve.
+# Buckets, and which one must serve each client (when it holds the blob):
+# a region's own mirror, else the default one (upstream's CDN); Google Cloud
+# clients always get the source registry.
 BUCKET_REGION_ONE = "mirror-eu-west-3"
 BUCKET_REGION_TWO = "mirror-ap-northeast-1"
 BUCKET_DEFAULT = "mirror-default"
 BUCKET_OF_CLIENT = {
     "aws_region_one": BUCKET_REGION_ONE,
     "aws_region_two": BUCKET_REGION_TWO,
+    "aws_unmirrored_region": BUCKET_DEFAULT,
     "unknown": BUCKET_DEFAULT,
     "google_cloud": None,  # always the source registry
 }
