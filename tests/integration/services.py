@@ -453,7 +453,7 @@ def ranges_dir() -> Path | None:
 
 @contextlib.contextmanager
 def archeio_server(workdir: Path, settings: Mapping[str, str], name: str = "archeio") -> Iterator[Archeio]:
-    """`python -m archeio serve` with `settings` as environment variables.
+    """`archeio serve` with `settings` as environment variables.
 
     PORT, ARCHEIO_HOST and the admin port are chosen here (free loopback ports);
     ARCHEIO_RANGES_DIR defaults to the shared range data when it exists.
@@ -473,7 +473,9 @@ def archeio_server(workdir: Path, settings: Mapping[str, str], name: str = "arch
     env.update(settings)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHEIO_")}
     full_env.update(env)
-    argv = [sys.executable, "-m", "archeio", "serve"]
+    # The installed console script, as users run it; `-m archeio` where it is not installed.
+    script = Path(sys.executable).with_name("archeio")
+    argv = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "archeio", "serve"]
     with running(name, argv, base / "archeio.log", env=full_env, cwd=base) as process:
         url = f"http://{LOOPBACK}:{port}"
         wait_for_http(process, url + "/v2/")
