@@ -224,3 +224,19 @@ def test_head_of_blob_is_answered_by_the_clients_place(
     heads = places.blob_requests_since(mark, blob.digest, "HEAD")
     assert heads == {expected_place(catalog, client, blob.digest): 1}
     assert not places.blob_gets_since(mark, blob.digest)
+
+
+def test_blob_request_without_the_load_balancers_entry_is_refused(
+    archeio: Archeio, catalog: Catalog, places: Places,
+) -> None:
+    """One X-Forwarded-For entry: the request did not come through the load balancer."""
+    blob = catalog.alpha.layers[0]
+    mark = places.mark()
+    response = requests.get(
+        f"{archeio.url}/v2/alpha/blobs/{blob.digest}", headers={"X-Forwarded-For": CLIENTS["aws_region_one"]},
+        allow_redirects=False, timeout=10,
+    )
+    assert response.status_code == 400
+    assert "Location" not in response.headers
+    assert response.json()["errors"][0]["code"]
+    assert not places.blob_requests_since(mark, blob.digest, "HEAD")
