@@ -39,7 +39,9 @@ def cloud_index() -> CloudIndex:
 
 def make_settings(**env: str) -> Settings:
     """Settings from defaults plus `env` (variable names as keys)."""
-    base = {"ARCHEIO_RANGES_DIR": str(ranges_dir() or "")}
+    # The admin port is off unless a test asks for it: parallel servers
+    # would otherwise all want 9090.
+    base = {"ARCHEIO_RANGES_DIR": str(ranges_dir() or ""), "ARCHEIO_ADMIN_PORT": "0"}
     base.update(env)
     return load_settings(env=base)
 

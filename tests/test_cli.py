@@ -134,7 +134,7 @@ def test_serve_on_embedded_data_redirects_aws_client_to_its_mirror(tmp_path: Pat
     mirrors.write_text(f'[mirrors.AWS]\n"eu-west-3" = "http://127.0.0.1:{bucket.server_port}/eu"\n')
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHEIO_", "UPSTREAM_"))}
-    env.update({"PORT": str(port), "ARCHEIO_MIRRORS_FILE": str(mirrors)})
+    env.update({"PORT": str(port), "ARCHEIO_ADMIN_PORT": str(free_port()), "ARCHEIO_MIRRORS_FILE": str(mirrors)})
     started = time.monotonic()
     process = subprocess.Popen([sys.executable, "-m", "archeio", "serve"], env=env,
                                stderr=subprocess.PIPE, text=True)
