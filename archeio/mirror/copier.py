@@ -114,7 +114,7 @@ class BlobCopier:
             except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                 self.progress.moved(-moved[0])
                 return self._failed(blob, present, exc)
-            self.progress.copied(blob.digest, blob.size, len(targets))
+            self.progress.copied(blob.digest, blob.size, len(targets), in_flight=moved[0])
             return BlobResult(blob.digest, present | frozenset(missing))
 
     def _failed(self, blob: Descriptor, present: frozenset[int], exc: BaseException) -> BlobResult:

@@ -95,10 +95,11 @@ class Progress:
         self.tally.bytes_in_flight += count
         self._draw()
 
-    def copied(self, digest: str, size: int, where: int) -> None:
+    def copied(self, digest: str, size: int, where: int, in_flight: int = 0) -> None:
+        """A blob is in `where` more buckets; `in_flight` of its bytes were counted by `moved`."""
         self.tally.copied += 1
         self.tally.bytes_copied += size
-        self.tally.bytes_in_flight -= size
+        self.tally.bytes_in_flight -= in_flight
         verb = "would copy" if self.dry_run else "copied"
         self.event(f"{verb} {digest} ({human_bytes(size)}) to {where} bucket{'s' if where != 1 else ''}")
 
