@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -303,3 +304,16 @@ def run_locust(port: int, env: Mapping[str, str], users: int, seconds: int, out:
         with open(stats, newline="") as rows:
             aggregated = next((row for row in csv.DictReader(rows) if row["Name"] == "Aggregated"), {})
     return done.returncode, summary, aggregated
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (not idle, not waiting for I/O), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's finished, waited-for children (a Locust run, a wrk run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

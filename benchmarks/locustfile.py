@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gevent
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -342,18 +343,21 @@ def _on_test_stop(**_: Any) -> None:
         Path(path).write_text(json.dumps(summary.result(), indent=2) + "\n")
 
 
-def _pacing() -> Any:
-    rate = float(_env("BENCH_USER_RATE", "10"))
-    return constant_throughput(rate) if rate > 0 else constant(0)
+USER_RATE = float(_env("BENCH_USER_RATE", "10"))
 
 
 class PullingClient(FastHttpUser):
     """A node pulling images: one request per task, paced, in pull order."""
 
-    wait_time = _pacing()
+    wait_time = constant_throughput(USER_RATE) if USER_RATE > 0 else constant(0)
 
     def on_start(self) -> None:
         self.rng = random.Random()
+        if USER_RATE > 0:
+            # Users spawn together; left in phase, they would all send at the
+            # same instant every period and measure their own burst. A random
+            # phase spreads the offered rate evenly over the period.
+            gevent.sleep(self.rng.uniform(0, 1 / USER_RATE))
         self.steps: list[Step] = []
         self.headers: dict[str, str] = {}
 
