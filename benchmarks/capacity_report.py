@@ -1,0 +1,227 @@
+"""Capacity report: from the latency steps and the throughput ceiling to "how many instances".
+
+Reads benchmarks/results/latency-steps.json (benchmarks/latency-steps) and
+benchmarks/results/throughput.json (benchmarks/throughput), and writes
+benchmarks/results/capacity-report.md with two plots beside it:
+
+- latency-vs-load.png: p50/p95/p99/max of the realistic mix against the
+  offered rate (steps the load generator could not drive are marked);
+- throughput-vs-nginx.png: requests/s per hot path next to the nginx
+  baseline of the same run, and the per-core capacity (1 s / server CPU
+  time per request) of each.
+
+An instance here is one archeio worker process on one core (upstream ran
+Go with GOMAXPROCS=1 on Cloud Run). The instances table gives two figures
+for each target rate: what the latency steps showed one worker sustaining
+within the p99 bound (a lower bound where the load generator, not the
+server, ran out first), and what the realistic mix's CPU time per request
+allows at a utilisation that keeps queueing short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from harness import RESULTS, machine_line  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
+
+TARGET_RATES = (1_000, 2_500, 5_000, 10_000)
+P99_BOUNDS_MS = (10.0, 25.0)
+# Plan CPU-bound capacity at this utilisation of the core: beyond about
+# 60-70%, queueing makes the tail grow quickly (M/M/1: waiting ~ rho/(1-rho)).
+UTILISATION = 0.6
+
+
+def plot_latency(steps: list[dict[str, Any]], path: Path) -> None:
+    rates = [s["offered_rps"] for s in steps]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, label, style in (("p50_ms", "p50", "o-"), ("p95_ms", "p95", "s-"), ("p99_ms", "p99", "^-"),
+                              ("max_ms", "max", "x--")):
+        ax.plot(rates, [s[key] for s in steps], style, label=label)
+    for s in steps:
+        if not s["driven"]:
+            ax.axvspan(s["offered_rps"] * 0.9, s["offered_rps"] * 1.1, color="grey", alpha=0.25)
+            ax.annotate("generator limit", (s["offered_rps"], s["p50_ms"]), textcoords="offset points",
+                        xytext=(-30, -15), fontsize=8)
+    ax.axhline(10, color="red", linewidth=0.8, linestyle=":", label="10 ms floor (p99 at 1,000 req/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(rates, [str(r) for r in rates])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("offered load, requests/s (realistic pull mix)")
+    ax.set_ylabel("latency, ms")
+    ax.set_title("archeio, one worker: latency against offered load")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_throughput(summary: list[dict[str, Any]], path: Path) -> None:
+    names = [row["target"] for row in summary]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    colours = ["grey" if name == "nginx" else "tab:blue" if not name.startswith("aiohttp") else "tab:orange"
+               for name in names]
+    left.bar(names, [row["rps"] for row in summary], color=colours)
+    left.set_title("wrk -t1 -c64: requests/s (median of rounds)")
+    for i, row in enumerate(summary):
+        if row["ratio_to_nginx"] is not None:
+            left.annotate(f"{row['ratio_to_nginx']:.2f}x", (i, row["rps"]), ha="center", fontsize=8,
+                          textcoords="offset points", xytext=(0, 2))
+    right.bar(names, [1e6 / row["cpu_us_per_request"] for row in summary], color=colours)
+    right.set_title("per-core capacity: 1 s / server CPU per request")
+    for ax in (left, right):
+        ax.set_ylabel("requests/s")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def measured_capacity(steps: list[dict[str, Any]], bound_ms: float) -> tuple[int | None, bool]:
+    """Highest driven, error-free step within the p99 bound; and whether the generator capped it."""
+    good = [s for s in steps if s["driven"] and s["failures"] == 0 and s["p99_ms"] <= bound_ms]
+    if not good:
+        return None, False
+    best = max(good, key=lambda s: s["offered_rps"])
+    capped = not any(s["offered_rps"] > best["offered_rps"] and s["driven"] for s in steps)
+    return best["offered_rps"], capped
+
+
+def mix_cpu_us(steps: list[dict[str, Any]]) -> float | None:
+    """Server CPU per request of the realistic mix, at the busiest driven step (least idle overhead)."""
+    driven = [s for s in steps if s["driven"] and s["server_cpu_us_per_request"]]
+    return max(driven, key=lambda s: s["offered_rps"])["server_cpu_us_per_request"] if driven else None
+
+
+def instances_table(steps: list[dict[str, Any]]) -> list[str]:
+    cpu_us = mix_cpu_us(steps)
+    cpu_capacity = UTILISATION * 1e6 / cpu_us if cpu_us else None
+    header = ["target req/s"]
+    for bound in P99_BOUNDS_MS:
+        header.append(f"instances, measured p99 <= {bound:g} ms")
+    header.append(f"instances, CPU-bound at {UTILISATION:.0%} of a core")
+    lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
+    capacities = [measured_capacity(steps, bound) for bound in P99_BOUNDS_MS]
+    for rate in TARGET_RATES:
+        cells = [f"{rate:,}"]
+        for capacity, capped in capacities:
+            if capacity is None:
+                cells.append("not reached")
+            else:
+                cells.append(f"{'<= ' if capped else ''}{math.ceil(rate / capacity)} (at {capacity:,}/instance)")
+        cells.append(f"{math.ceil(rate / cpu_capacity)} (at {cpu_capacity:,.0f}/instance)" if cpu_capacity else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(latency: dict[str, Any], throughput: dict[str, Any]) -> str:
+    steps = latency["steps"]
+    summary = throughput["summary"]
+    blob = next(r for r in summary if r["target"] == "blob-aws")
+    cpu_us = mix_cpu_us(steps)
+    lines = [
+        "# archeio capacity report",
+        "",
+        "Measured on one machine, with the load generator on the same machine:",
+        "",
+        f"- latency steps: {machine_line(latency['machine'])}; {latency['layout']}",
+        f"- throughput ceiling: {machine_line(throughput['machine'])}; {throughput['layout']}",
+        "",
+        "Reproduce: `make bench` (or `benchmarks/throughput --engines --scaling`, `benchmarks/latency-steps`, "
+        "`benchmarks/capacity-report`). Raw figures: [latency-steps.csv](latency-steps.csv), "
+        "[throughput.csv](throughput.csv), and the `.json`/`.md` beside them.",
+        "",
+        "## Latency under load (realistic pull mix, one worker)",
+        "",
+        "![latency against offered load](latency-vs-load.png)",
+        "",
+        "| offered req/s | achieved | driven | p50 ms | p95 ms | p99 ms | max ms | errors | "
+        "server CPU us/req | neighbours' CPU (cores) |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in steps:
+        lines.append(f"| {s['offered_rps']} | {s['achieved_rps']} | {'yes' if s['driven'] else 'no: generator'} | "
+                     f"{s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['max_ms']} | {s['failures']} | "
+                     f"{s['server_cpu_us_per_request']} | {s.get('neighbour_cpu_cores', '-')} |")
+    lines += [
+        "",
+        "\"Neighbours' CPU\" is what other processes on the machine used during the step (cores): latency "
+        "figures taken while it is high include waiting for a CPU, not only the server's own work.",
+        "",
+        "## Throughput ceiling against nginx",
+        "",
+        "![throughput against the nginx baseline](throughput-vs-nginx.png)",
+        "",
+        "| target | req/s | ratio of nginx | p99 ms | server CPU us/request | per-core capacity req/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in summary:
+        ratio = "1" if row["ratio_to_nginx"] is None else str(row["ratio_to_nginx"])
+        lines.append(f"| {row['target']} | {row['rps']} | {ratio} | {row['p99_ms']} | "
+                     f"{row['cpu_us_per_request']} | {round(1e6 / row['cpu_us_per_request']):,} |")
+    scaling = throughput.get("scaling")
+    if scaling:
+        lines += ["", "Multi-worker scaling (blob hot path; CPU per request summed over the workers):", "",
+                  "| workers | req/s | p99 ms | server CPU us/request |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {row['target']} | {row['rps']} | {row['p99_ms']} | {row['cpu_us_per_request']} |"
+                  for row in scaling["rows"]]
+        lines.append(f"\nCPU time per request, 2 workers / 1 worker: **{scaling['cpu_per_request_ratio_2_to_1']}**.")
+    lines += [
+        "",
+        "## Instances needed",
+        "",
+        "One instance = one worker process on one core. The measured columns use the highest step the "
+        "latency run drove with zero errors and p99 within the bound (\"<=\": the load generator, not the "
+        "server, ended the run, so the true per-instance capacity is higher and fewer instances suffice). "
+        f"The CPU-bound column divides one core by the realistic mix's server CPU time per request "
+        f"({cpu_us} us at the busiest driven step) at {UTILISATION:.0%} utilisation. For comparison, the "
+        f"blob hot path alone costs {blob['cpu_us_per_request']} us per request "
+        f"({round(1e6 / blob['cpu_us_per_request']):,} req/s per core). Upstream sized Cloud Run for "
+        "10,000 req/s per region at 1,000 concurrent requests per instance.",
+        "",
+        *instances_table(steps),
+        "",
+        "## Floors",
+        "",
+        "| floor | measured | met |",
+        "| --- | ---: | --- |",
+    ]
+    for floor in latency["floors"] + throughput["floors"]:
+        lines.append(f"| {floor['floor']} | {floor['measured']} | {'yes' if floor['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/capacity-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="directory of the result files")
+    args = parser.parse_args(argv)
+    try:
+        latency = json.loads((args.results / "latency-steps.json").read_text())
+        throughput = json.loads((args.results / "throughput.json").read_text())
+    except FileNotFoundError as exc:
+        print(f"benchmarks/capacity-report: {exc.filename} is missing: run benchmarks/latency-steps and "
+              "benchmarks/throughput first", file=sys.stderr)
+        return 2
+    plot_latency(latency["steps"], args.results / "latency-vs-load.png")
+    plot_throughput(throughput["summary"], args.results / "throughput-vs-nginx.png")
+    report = render(latency, throughput)
+    (args.results / "capacity-report.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
