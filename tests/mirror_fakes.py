@@ -191,7 +191,6 @@ def serve_in_thread(registry: FakeRegistry) -> Iterator[FakeRegistry]:
     For tests that run the mirror as a separate process.
     """
     loop = asyncio.new_event_loop()
-    ready = threading.Event()
     runner = web.AppRunner(registry.app(), access_log=None)
 
     async def start() -> None:
@@ -200,7 +199,6 @@ def serve_in_thread(registry: FakeRegistry) -> Iterator[FakeRegistry]:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         registry.url = f"http://127.0.0.1:{port}"
-        ready.set()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

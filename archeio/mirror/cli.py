@@ -92,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import asyncio
 
-    return asyncio.run(_run(args, refs, buckets))
+    try:
+        return asyncio.run(_run(args, refs, buckets))
+    except KeyboardInterrupt:
+        # Uploads in progress were aborted on the way out; finished blobs
+        # and done markers stay, so the next run resumes from here.
+        print("archeio mirror: interrupted", file=sys.stderr)
+        return 130
 
 
 async def _run(args: argparse.Namespace, refs: list[ImageRef], buckets: list[Bucket]) -> int:

@@ -96,7 +96,7 @@ class Backoff:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before try number `attempt + 1` (`attempt` counts from 1)."""
-        ceiling = min(self.cap, self.base * 2 ** (attempt - 1))
+        ceiling = min(self.cap, self.base * 2.0 ** (attempt - 1))
         wait = ceiling * (0.5 + 0.5 * self._jitter())
         if retry_after is not None:
             # The server knows its quota window; never retry sooner than asked,

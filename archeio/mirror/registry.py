@@ -216,6 +216,12 @@ def parse_manifest(body: bytes, content_type: str | None) -> Manifest:
     return Manifest(UNKNOWN, media_type or "(none)")
 
 
+def _listed(page: dict[str, object], key: str) -> list[object]:
+    """A page's list of names; `null` (a repository without tags) or garbage is none."""
+    value = page.get(key)
+    return value if isinstance(value, list) else []
+
+
 def _bearer_challenge(header: str) -> dict[str, str] | None:
     scheme, _, params = header.partition(" ")
     if scheme.lower() != "bearer":
@@ -259,7 +265,7 @@ class RegistryClient:
     async def repositories(self) -> AsyncIterator[str]:
         """Every repository of the catalog (`/v2/_catalog`, paginated)."""
         async for page in self._pages("/v2/_catalog", scope="registry:catalog:*"):
-            for name in page.get("repositories") or []:
+            for name in _listed(page, "repositories"):
                 if isinstance(name, str) and _REPOSITORY.match(name):
                     yield name
 
@@ -267,7 +273,7 @@ class RegistryClient:
         """Every tag of a repository (`/v2/<name>/tags/list`, paginated)."""
         path = f"/v2/{repository}/tags/list"
         async for page in self._pages(path, scope=f"repository:{repository}:pull"):
-            for tag in page.get("tags") or []:
+            for tag in _listed(page, "tags"):
                 if isinstance(tag, str) and _TAG.match(tag):
                     yield tag
                 else:
@@ -340,10 +346,11 @@ class RegistryClient:
         match = _LINK_NEXT.search(link)
         if not match:
             return None
-        target = urlsplit(urljoin(self.base_url + path, match.group(1)))
+        link_target: str = match.group(1)
+        target = urlsplit(urljoin(self.base_url + path, link_target))
         if f"{target.scheme}://{target.netloc}" != self.base_url:
             # Only ever follow pagination on the registry we were given.
-            raise RegistryError(f"{path}: pagination link leaves the registry: {match.group(1)[:200]!r}")
+            raise RegistryError(f"{path}: pagination link leaves the registry: {link_target[:200]!r}")
         return target.path + (f"?{target.query}" if target.query else "")
 
     @asynccontextmanager
