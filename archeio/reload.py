@@ -31,6 +31,7 @@ from pathlib import Path
 
 from iprange import CloudIndex, ProviderRanges, RangeFileError, describe
 from iprange.parse import FILE_NAMES, parse_file
+from iprange.update import LOSS, OLDER, SAME, compare
 
 from .app import Frontend
 
@@ -60,10 +61,6 @@ class Verdict:
         return self.outcome.startswith("refused")
 
 
-def distinct_prefixes(provider: ProviderRanges) -> int:
-    return len({prefix for prefix, _ in provider.prefixes})
-
-
 def judge(
     cloud: str, loaded: ProviderRanges | None, candidate: ProviderRanges | RangeFileError | None,
     max_loss: float,
@@ -77,18 +74,12 @@ def judge(
         return Verdict(cloud, REFUSED_UNPARSEABLE, str(candidate), loaded)
     if loaded is None:
         return Verdict(cloud, LOADED, "new provider", candidate)
-    if candidate.serial < loaded.serial:
-        reason = f"serial {candidate.serial} is older than {loaded.serial}"
-        return Verdict(cloud, REFUSED_OLDER, reason, loaded)
-    if candidate.serial == loaded.serial:
-        return Verdict(cloud, UNCHANGED, keep=loaded)
-    before, after = distinct_prefixes(loaded), distinct_prefixes(candidate)
-    if after < before * (1 - max_loss):
-        return Verdict(
-            cloud, REFUSED_LOSS,
-            f"{after} prefixes instead of {before}: loses more than {max_loss:.0%}", loaded,
-        )
-    return Verdict(cloud, LOADED, f"serial {loaded.serial} -> {candidate.serial}", candidate)
+    outcome, reason = compare(loaded, candidate, max_loss)
+    if outcome == SAME:
+        return Verdict(cloud, UNCHANGED, reason, loaded)
+    if outcome in (OLDER, LOSS):
+        return Verdict(cloud, REFUSED_OLDER if outcome == OLDER else REFUSED_LOSS, reason, loaded)
+    return Verdict(cloud, LOADED, reason, candidate)
 
 
 def _read(ranges_dir: Path, cloud: str) -> ProviderRanges | RangeFileError | None:

@@ -140,6 +140,7 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._stop = asyncio.Event()
         self._status = 0
+        self._all_started = False
 
     # -- the admin port's view (metrics.MetricsSource) --------------------
 
@@ -154,9 +155,13 @@ class Supervisor:
         return [s for s in live if s is not None] + self.retired
 
     def readiness(self) -> tuple[bool, str]:
+        """Ready once every worker has started; then while at least one is ready."""
         if self.stopping:
             return False, "shutting down"
         ready = self.worker_counts()["ready"]
+        self._all_started = self._all_started or ready == len(self.slots)
+        if not self._all_started:
+            return False, f"starting: {ready} of {len(self.slots)} workers ready"
         if ready == 0:
             return False, "no worker ready"
         return True, f"ready: {ready} of {len(self.slots)} workers"

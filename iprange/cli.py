@@ -4,6 +4,9 @@
 for both when the address is in no provider's range), or JSON lines with
 `--json`. An unparseable address prints an error line; the exit status is
 then 2. `iprange info` prints each provider's prefix count and data date.
+`iprange update --dest DIR` downloads the providers' feeds into DIR
+(validated, atomically; see update.py): exit status 1 if any feed failed,
+its old file then kept.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 
 from .index import InvalidAddress
 from .load import describe, load_index
-from .parse import RangeFileError
+from .parse import AWS, AZURE, GCP, RangeFileError
+from .update import DEFAULT_URLS, update
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,11 +35,51 @@ def _parser() -> argparse.ArgumentParser:
     lookup.add_argument("addresses", nargs="+", metavar="IP")
     lookup.add_argument("--json", action="store_true", help="print JSON lines")
     commands.add_parser("info", help="print prefix counts and data dates")
+    updater = commands.add_parser(
+        "update", help="download the AWS and Google Cloud feeds (Azure by flag) into a directory",
+    )
+    updater.add_argument(
+        "--dest", type=Path, default=os.environ.get("ARCHEIO_RANGES_DIR") or None,
+        help="directory to write (default: $ARCHEIO_RANGES_DIR)",
+    )
+    updater.add_argument("--aws-url", default=DEFAULT_URLS[AWS], help="AWS ip-ranges.json feed")
+    updater.add_argument("--gcp-url", default=DEFAULT_URLS[GCP], help="Google Cloud cloud.json feed")
+    updater.add_argument(
+        "--azure-url", default=None,
+        help="Azure Service Tags JSON (published at a new address every week; no default)",
+    )
+    updater.add_argument("--timeout", type=float, default=30.0, help="seconds per download")
+    updater.add_argument(
+        "--max-loss", type=float, default=0.2,
+        help="refuse a feed with fewer than (1 - this share) of the prefixes already there",
+    )
     return parser
+
+
+def _update(args: argparse.Namespace) -> int:
+    if args.dest is None:
+        print("iprange update: --dest DIR is required (or set ARCHEIO_RANGES_DIR)", file=sys.stderr)
+        return 2
+    if not args.dest.is_dir():
+        print(f"iprange update: {args.dest}: no such directory", file=sys.stderr)
+        return 2
+    urls = {AWS: args.aws_url, GCP: args.gcp_url}
+    if args.azure_url:
+        urls[AZURE] = args.azure_url
+    status = 0
+    for result in update(args.dest, urls, args.timeout, args.max_loss):
+        if result.ok:
+            print(f"{result.cloud}: {result.message}")
+        else:
+            print(f"iprange update: {result.cloud}: {result.message}", file=sys.stderr)
+            status = 1
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "update":
+        return _update(args)
     try:
         index = load_index(Path(args.ranges_dir) if args.ranges_dir else None)
     except RangeFileError as exc:

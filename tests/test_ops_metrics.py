@@ -1,0 +1,198 @@
+"""Metrics and health on the admin port, as an operator meets them.
+
+A real `archeio serve --workers 2` answers real requests; its admin port is
+scraped over HTTP and every count must add up over both workers. The
+collector itself is also checked on plain snapshots (no processes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from archeio.metrics import CHECK_BUCKETS, ArcheioCollector, Snapshot, retire
+
+from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY, ranges_dir
+from .ops_support import (
+    MISSING_BLOB,
+    ArcheioProcess,
+    ThreadedBucket,
+    admin_get,
+    blob_url,
+    http_get,
+    requests_on_new_connections,
+    scrape,
+    total,
+    wait_for,
+    write_mirrors,
+    xff,
+)
+
+# -- the collector, on plain snapshots ------------------------------------------
+
+
+class _Source:
+    def __init__(self, snaps: list[Snapshot]) -> None:
+        self.snaps = snaps
+
+    def snapshots(self) -> list[Snapshot]:
+        return self.snaps
+
+    def readiness(self) -> tuple[bool, str]:
+        return True, "ready"
+
+    def worker_counts(self) -> dict[str, int]:
+        return {"configured": 2, "running": 2, "ready": 2, "restarts": 1}
+
+
+def _worker(name: str, mirror_hits: int, hit_seconds: float) -> Snapshot:
+    buckets = [0] * (len(CHECK_BUCKETS) + 1)
+    buckets[0] = 1
+    return {
+        "worker": name,
+        "ready": True,
+        "requests": [["blob", "mirror", 307, mirror_hits], ["manifest", "upstream", 307, 2]],
+        "blob_decisions": [["AWS", "eu-west-3", "mirror", mirror_hits], ["", "", "upstream", 1]],
+        "checks": {"hit": 1},
+        "check_buckets": {"hit": buckets},
+        "check_seconds": {"hit": hit_seconds},
+        "cache": {"hits": 1, "misses": 0},
+        "breakers": {"http://m": "closed"},
+        "in_flight": 1,
+        "ranges": {"AWS": {"prefixes": 10, "serial": "s", "published": 0.0, "loaded": 5.0}},
+        "reloads": [["AWS", "loaded", 1]],
+    }
+
+
+def _samples(snaps: list[Snapshot]) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, s.labels, s.value) for family in ArcheioCollector(_Source(snaps)).collect() for s in family.samples
+    ]
+
+
+def test_collector_sums_workers_and_keeps_counts_of_retired_ones() -> None:
+    dead = retire(_worker("1", 100, 0.001))
+    samples = _samples([_worker("0", 3, 0.002), _worker("1", 4, 0.003), dead])
+    assert total(samples, "archeio_requests_total", kind="blob", decision="mirror", status="307") == 107
+    assert total(samples, "archeio_blob_decisions_total", cloud="AWS", region="eu-west-3") == 107
+    assert total(samples, "archeio_blob_decisions_total", cloud="none", region="none") == 3
+    assert total(samples, "archeio_existence_checks_total", outcome="hit") == 3
+    assert total(samples, "archeio_existence_check_seconds_count", outcome="hit") == 3
+    assert total(samples, "archeio_existence_check_seconds_bucket", outcome="hit", le="+Inf") == 3
+    assert total(samples, "archeio_existence_check_seconds_sum", outcome="hit") == pytest.approx(0.006)
+    assert total(samples, "archeio_ranges_reloads_total", cloud="AWS", outcome="loaded") == 3
+    # Gauges of a dead worker are gone; live ones are summed or per worker.
+    assert total(samples, "archeio_in_flight_requests") == 2
+    assert total(samples, "archeio_existence_cache_entries", cache="hits") == 2
+    assert total(samples, "archeio_mirror_breaker_state", mirror="http://m", state="closed") == 2
+    assert {labels["worker"] for name, labels, _ in samples if name == "archeio_ranges_prefixes"} == {"0", "1"}
+    assert total(samples, "archeio_worker_restarts_total") == 1
+
+
+# -- a real server with two workers ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bucket() -> Iterator[ThreadedBucket]:
+    with ThreadedBucket() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def two_workers(bucket: ThreadedBucket, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArcheioProcess]:
+    tmp = tmp_path_factory.mktemp("metrics")
+    mirrors = write_mirrors(tmp / "mirrors.toml", {"eu-west-3": bucket.base("euw3")})
+    env = {
+        "ARCHEIO_WORKERS": "2",
+        "ARCHEIO_MIRRORS_FILE": str(mirrors),
+        "DEFAULT_AWS_BASE_URL": bucket.base("cdn"),
+        "ARCHEIO_RANGES_DIR": str(ranges_dir() or ""),
+    }
+    with ArcheioProcess(tmp / "stderr.log", **env) as server:
+        yield server
+
+
+def test_counts_from_two_workers_add_up_on_one_admin_port(two_workers: ArcheioProcess) -> None:
+    server = two_workers
+    before = scrape(server)
+    plan = (
+        [(blob_url(server), xff(AWS_EU_WEST_3))] * 30  # in the eu-west-3 mirror
+        + [(blob_url(server), xff(GOOGLE_CLOUD))] * 10  # Google: always upstream
+        + [(blob_url(server, MISSING_BLOB), xff(NOBODY))] * 4  # CDN checked, missing: upstream
+        + [(f"{server.url}/v2/pause/manifests/3.10", xff(AWS_EU_WEST_3))] * 8
+        + [(f"{server.url}/v2/", {})] * 5
+    )
+    statuses = requests_on_new_connections(iter(plan))
+    assert statuses.count(307) == 52 and statuses.count(200) == 5
+
+    def grew(name: str, **labels: str) -> float:
+        return total(scrape(server), name, **labels) - total(before, name, **labels)
+
+    # Workers publish their counters once a second: poll until all arrived.
+    wait_for(lambda: grew("archeio_requests_total") == len(plan), what="all requests in /metrics")
+    after = scrape(server)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert delta("archeio_requests_total", kind="blob", decision="mirror", status="307") == 30
+    assert delta("archeio_requests_total", kind="blob", decision="upstream", status="307") == 14
+    assert delta("archeio_requests_total", kind="manifest", decision="upstream", status="307") == 8
+    assert delta("archeio_requests_total", kind="other", decision="local", status="200") == 5
+    assert delta("archeio_blob_decisions_total", cloud="AWS", region="eu-west-3", decision="mirror") == 30
+    assert delta("archeio_blob_decisions_total", cloud="GCP", decision="upstream") == 10
+    assert delta("archeio_blob_decisions_total", cloud="none", region="none", decision="upstream") == 4
+    # Each worker asks each mirror at most once per blob; the rest are cache answers.
+    hits = delta("archeio_existence_checks_total", outcome="hit")
+    misses = delta("archeio_existence_checks_total", outcome="miss")
+    assert 1 <= hits <= 2 and 1 <= misses <= 2
+    assert delta("archeio_existence_check_seconds_count", outcome="hit") == hits
+    # Both workers served, and their shares add up to the whole.
+    per_worker = {labels["worker"]: value for name, labels, value in after if name == "archeio_worker_requests_total"}
+    assert set(per_worker) == {"0", "1"} and all(v > 0 for v in per_worker.values())
+    assert sum(per_worker.values()) == total(after, "archeio_requests_total")
+    assert total(after, "archeio_workers", state="ready") == 2
+    assert total(after, "archeio_in_flight_requests") == 0
+
+
+def test_range_data_is_reported_per_cloud_and_worker(two_workers: ArcheioProcess) -> None:
+    samples = scrape(two_workers)
+    for worker in ("0", "1"):
+        assert total(samples, "archeio_ranges_prefixes", cloud="AWS", worker=worker) > 1000
+        assert total(samples, "archeio_ranges_prefixes", cloud="GCP", worker=worker) > 10
+        assert total(samples, "archeio_ranges_age_seconds", cloud="AWS", worker=worker) > 0
+
+
+def test_health_endpoints_answer_on_the_admin_port(two_workers: ArcheioProcess) -> None:
+    assert admin_get(two_workers, "/healthz") == (200, b"ok\n")
+    status, body = admin_get(two_workers, "/readyz")
+    assert status == 200 and b"2 of 2" in body
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz", "/readyz"])
+def test_admin_paths_are_not_on_the_public_port(two_workers: ArcheioProcess, path: str) -> None:
+    status, _, body = http_get(two_workers.url + path)
+    assert status == 404
+    assert json.loads(body)["errors"][0]["code"] == "NOT_FOUND"
+
+
+def test_access_log_is_off_by_default(two_workers: ArcheioProcess) -> None:
+    assert http_get(blob_url(two_workers), xff(AWS_EU_WEST_3))[0] == 307
+    entries = two_workers.log_entries()
+    assert entries, "the server logs its start-up"
+    assert all(e["logger"] != "archeio.access" for e in entries)
+    assert all(e["severity"] in ("DEBUG", "INFO", "WARNING", "ERROR") for e in entries)
+
+
+def test_admin_port_zero_turns_it_off(tmp_path: Path) -> None:
+    server = ArcheioProcess(tmp_path / "stderr.log", ARCHEIO_ADMIN_PORT="0",
+                            ARCHEIO_RANGES_DIR=str(ranges_dir() or ""))
+    try:
+        server.start(admin=False)
+        assert admin_get(server, "/healthz")[0] == 0  # nothing listens on the usual admin port
+        assert http_get(server.url + "/healthz")[0] == 404
+    finally:
+        server.stop()
