@@ -50,6 +50,7 @@ DEFAULT_RATES = "250,500,1000,2000,4000,8000"
 DRIVEN_SHARE = 0.95  # of the offered rate
 GENERATOR_CPU_LIMIT = 0.90  # of one core: above it, measured latency includes the generator's queueing
 P99_FLOOR_MS = 10.0
+PREWARM_RATE = 1000
 FLOOR_RATE = 1000
 
 FIELDS = [
@@ -114,8 +115,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Machine: {machine_line(result['machine'])}.  ",
         f"Layout: {result['layout']}. Server: `archeio serve`, {result['workers']} worker(s), "
         f"ranges: {result['ranges']}. Realistic pull mix (benchmarks/locustfile.py), "
-        f"{result['missing_share']:.0%} of blobs missing from the mirrors; "
-        f"{result['seconds']} s measured per step after {result['warmup']} s warm-up.",
+        f"{result['missing_share']:.0%} of blobs missing from the mirrors; existence cache pre-warmed for "
+        f"{result['prewarm_seconds']} s; {result['seconds']} s measured per step after {result['warmup']} s "
+        "warm-up.",
         "",
         "| offered req/s | achieved req/s | driven | p50 ms | p95 ms | p99 ms | p99.9 ms | max ms | errors | "
         "generator CPU | server CPU us/req | server CPU share | bucket HEADs | neighbours' CPU (cores) |",
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=20, help="measured seconds per step (default 20)")
     parser.add_argument("--warmup", type=int, default=4, help="seconds per step before measuring (default 4)")
     parser.add_argument("--user-rate", type=float, default=10.0, help="req/s per simulated client (default 10)")
+    parser.add_argument("--prewarm", type=int, default=20,
+                        help=f"seconds of traffic at {PREWARM_RATE} req/s before the steps, to fill the existence "
+                        "cache as in steady state (default 20; 0: start cold)")
     parser.add_argument("--workers", type=int, default=1, help="archeio worker processes (default 1)")
     parser.add_argument("--missing-share", type=float, default=0.05,
                         help="share of blobs missing from the mirrors (default 0.05)")
@@ -178,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         env.update({"ARCHEIO_RANGES_DIR": args.ranges_dir, "ARCHEIO_WORKERS": str(args.workers),
                     "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": str(args.missing_share)})
         server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
+        prewarm = None
+        if args.prewarm:
+            first = PREWARM_RATE
+            heads = sum(bucket_counts(bucket_port).values())
+            _, prewarm, _ = run_locust(port, {**env, "BENCH_USER_RATE": str(args.user_rate)},
+                                       max(1, math.ceil(first / args.user_rate)), args.prewarm, tmp / "prewarm",
+                                       cpus=load_cpus)
+            prewarm["bucket_heads"] = sum(bucket_counts(bucket_port).values()) - heads
+            print(f"  pre-warm: {args.prewarm} s at {first} req/s, {prewarm['bucket_heads']} existence HEADs, "
+                  f"{prewarm['failures']} failures")
         for rate in (int(r) for r in args.rates.split(",")):
             step = run_step(rate, args, port, server.pid, bucket_port, bucket.pid, env, tmp, load_cpus)
             steps.append(step)
@@ -195,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "layout": layout, "workers": args.workers,
         "ranges": args.ranges_dir or "embedded", "missing_share": args.missing_share,
         "seconds": args.seconds, "warmup": args.warmup, "user_rate": args.user_rate,
+        "prewarm_seconds": args.prewarm, "prewarm": prewarm,
         "steps": steps, "floors": floors(steps),
     }
     args.results.mkdir(parents=True, exist_ok=True)

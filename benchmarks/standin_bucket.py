@@ -25,6 +25,7 @@ from collections import Counter
 from aiohttp import web
 from pull_catalog import all_blobs, build_catalog, in_mirrors
 
+BLOB_SIZE = "4096"
 _BLOB_PATH = re.compile(r"/(?:.*/)?containers/images/(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})")
 
 
@@ -36,6 +37,10 @@ def make_app(present: set[str] | None) -> web.Application:
         match = _BLOB_PATH.fullmatch(request.path)
         held = match is not None and (present is None or match[1] in present)
         counts["200" if held else "404"] += 1
+        if request.method == "HEAD":
+            # Like S3, say how long the object is: without a Content-Length
+            # aiohttp's client cannot reuse the connection after a HEAD.
+            return web.Response(status=200 if held else 404, headers={"Content-Length": BLOB_SIZE if held else "0"})
         return web.Response(status=200 if held else 404)
 
     async def stats(request: web.Request) -> web.Response:
