@@ -139,6 +139,8 @@ class FakeRegistry:
         path = request.path
         if path == "/v2/":
             return web.json_response({})
+        if path == "/v2/_catalog":
+            return self._page(request, "/v2/_catalog", "repositories", sorted(self.tags), {})
         if path.endswith("/tags/list"):
             return self._tag_page(request, path[len("/v2/"):-len("/tags/list")])
         if "/manifests/" in path:
@@ -172,7 +174,11 @@ class FakeRegistry:
     def _tag_page(self, request: web.Request, repository: str) -> web.Response:
         if repository not in self.tags:
             return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
-        names = sorted(self.tags[repository])
+        return self._page(request, request.path, "tags", sorted(self.tags[repository]), {"name": repository})
+
+    def _page(self, request: web.Request, path: str, key: str, names: list[str],
+              extra: dict[str, str]) -> web.Response:
+        """One page of `names` after `?last=`, with a `Link` to the next one."""
         size = min(int(request.query.get("n", self.page_size)), self.page_size)
         last = request.query.get("last")
         if last:
@@ -180,8 +186,8 @@ class FakeRegistry:
         page, rest = names[:size], names[size:]
         headers = {}
         if rest:
-            headers["Link"] = f'</v2/{repository}/tags/list?n={size}&last={page[-1]}>; rel="next"'
-        return web.json_response({"name": repository, "tags": page}, headers=headers)
+            headers["Link"] = f'<{path}?n={size}&last={page[-1]}>; rel="next"'
+        return web.json_response({**extra, key: page}, headers=headers)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -242,14 +243,37 @@ def test_missing_repository_fails_the_run(
     assert "FAILED team/nothing (listing tags)" in capsys.readouterr().err
 
 
-def test_repositories_file_and_catalog_walk(
-        registry: FakeRegistry, s3: MotoS3, buckets: list[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_repositories_file_entries_are_mirrored(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str], tmp_path: Path) -> None:
     image = make_image("listed")
     registry.add_image("team/listed", "v1", image)
+    registry.add_image("team/listed", "v2", make_image("not-listed"))
     listing = tmp_path / "repos.txt"
     listing.write_text("# the images we serve\nteam/listed:v1  # pinned\n\n")
     assert mirror(registry, s3, buckets, "--repositories-file", str(listing)) == 0
     assert {k.removeprefix(BLOBS) for k in s3.keys(buckets[0], BLOBS)} == set(image.blobs)
+
+
+def test_all_repositories_walks_the_paginated_catalog(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str]) -> None:
+    expected: set[str] = set()
+    for name in ("a/one", "b/two", "c/three"):  # pages of two repositories
+        image = make_image(name)
+        registry.add_image(name, "v1", image)
+        expected |= set(image.blobs)
+    assert mirror(registry, s3, buckets, "--all-repositories") == 0
+    assert registry.count("GET", "/v2/_catalog") == 2
+    assert {k.removeprefix(BLOBS) for k in s3.keys(buckets[1], BLOBS)} == expected
+
+
+def test_progress_bar_on_request(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    registry.add_image("team/app", "v1", make_image("bar"))
+    assert mirror(registry, s3, buckets, "team/app", "--progress", "bar") == 0
+    err = capsys.readouterr().err
+    assert "\r\x1b[K[" in err and " blobs " in err and "ETA" in err
+    # The bar is cleared and the summary takes its line.
+    assert err.rsplit("\r\x1b[K", 1)[1].startswith("summary: copied 3 blobs")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -312,7 +312,10 @@ class RegistryClient:
     @asynccontextmanager
     async def blob(self, repository: str, digest: str) -> AsyncIterator[aiohttp.ClientResponse]:
         """An open blob download; the source slot is held until the block ends."""
-        async with self._exchange("GET", f"/v2/{repository}/blobs/{digest}", repository, {}) as resp:
+        # identity: a blob's digest is of its stored bytes; a store that
+        # gzips the response on the fly would hand us other bytes.
+        headers = {"Accept-Encoding": "identity"}
+        async with self._exchange("GET", f"/v2/{repository}/blobs/{digest}", repository, headers) as resp:
             self._raise_for_status(resp, f"{repository}@{digest}")
             yield resp
 
