@@ -31,7 +31,7 @@ from pathlib import Path
 
 from iprange import CloudIndex, ProviderRanges, RangeFileError, describe
 from iprange.parse import FILE_NAMES, parse_file
-from iprange.update import LOSS, OLDER, SAME, compare
+from iprange.update import LOSS, OLDER, SAME, check_prefixes, compare
 
 from .app import Frontend
 
@@ -87,9 +87,11 @@ def _read(ranges_dir: Path, cloud: str) -> ProviderRanges | RangeFileError | Non
     if not path.exists():
         return None
     try:
-        return parse_file(cloud, path)
+        provider = parse_file(cloud, path)
+        check_prefixes(provider)
     except RangeFileError as exc:
         return exc
+    return provider
 
 
 def plan_reload(
@@ -99,23 +101,9 @@ def plan_reload(
     verdicts = [
         judge(cloud, loaded.get(cloud), _read(ranges_dir, cloud), max_loss) for cloud in FILE_NAMES
     ]
-    while any(v.outcome == LOADED for v in verdicts):
-        try:
-            return CloudIndex(v.keep for v in verdicts if v.keep is not None), verdicts
-        except ValueError:
-            # A prefix the radix tree refuses: find whose file holds it, refuse that file.
-            verdicts = [_check_buildable(v, loaded.get(v.cloud)) for v in verdicts]
-    return None, verdicts
-
-
-def _check_buildable(verdict: Verdict, loaded: ProviderRanges | None) -> Verdict:
-    if verdict.outcome != LOADED or verdict.keep is None:
-        return verdict
-    try:
-        CloudIndex([verdict.keep])
-    except ValueError as exc:
-        return Verdict(verdict.cloud, REFUSED_UNPARSEABLE, str(exc), loaded)
-    return verdict
+    if not any(v.outcome == LOADED for v in verdicts):
+        return None, verdicts
+    return CloudIndex(v.keep for v in verdicts if v.keep is not None), verdicts
 
 
 class RangeReloader:
@@ -147,7 +135,11 @@ class RangeReloader:
             return []
         async with self._lock:
             loaded = self.frontend.index.providers
-            index, verdicts = await asyncio.to_thread(plan_reload, loaded, self.ranges_dir, self.max_loss)
+            try:
+                index, verdicts = await asyncio.to_thread(plan_reload, loaded, self.ranges_dir, self.max_loss)
+            except Exception:  # a bug, or a prefix only the radix tree refuses: keep serving
+                log.exception("range reload (%s) failed; the loaded data stays", trigger)
+                return []
             if index is not None:
                 self.frontend.swap_index(index)
                 now = time.time()
@@ -179,10 +171,7 @@ class RangeReloader:
         """Reload every `seconds` for ever (a task, cancelled at shutdown)."""
         while True:
             await asyncio.sleep(seconds)
-            try:
-                await self.reload("refresh")
-            except Exception:  # never let a bug stop the refreshing
-                log.exception("range refresh failed")
+            await self.reload("refresh")
 
     async def close(self) -> None:
         for task in list(self._tasks):

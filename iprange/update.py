@@ -15,6 +15,7 @@ or a build step.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tempfile
@@ -58,6 +59,16 @@ def compare(loaded: ProviderRanges, candidate: ProviderRanges, max_loss: float) 
     return NEWER, f"serial {loaded.serial} -> {candidate.serial}, {after} prefixes"
 
 
+def check_prefixes(provider: ProviderRanges) -> None:
+    """RangeFileError unless every prefix is a valid network (the radix tree
+    silently clamps `/99` to `/32`, so it cannot be the judge)."""
+    for prefix, region in provider.prefixes:
+        try:
+            ipaddress.ip_network(prefix, strict=False)
+        except ValueError:
+            raise RangeFileError(f"{provider.cloud}: bad prefix {prefix!r} (region {region!r})") from None
+
+
 @dataclass(frozen=True)
 class Result:
     """What happened to one provider's file."""
@@ -77,9 +88,10 @@ def validate(cloud: str, body: bytes) -> ProviderRanges:
     provider = PARSERS[cloud](doc)
     if not provider.prefixes:
         raise RangeFileError("no prefixes")
+    check_prefixes(provider)
     try:
         CloudIndex([provider])
-    except ValueError as exc:
+    except (ValueError, SystemError) as exc:
         raise RangeFileError(str(exc)) from None
     return provider
 
