@@ -187,6 +187,15 @@ class BlobExistenceCache:
             if self._on_check is not None:
                 self._on_check(mirror, COALESCED, 0.0)
             return await asyncio.shield(pending)
+        breaker = self.breakers.get(mirror)
+        if breaker is None or breaker.state == CLOSED:
+            # Another request's HEAD may have finished since `cached` was
+            # asked (this runs in a task started after it): use its answer,
+            # so a blob costs one HEAD per TTL however requests interleave.
+            if key in self._hits:
+                return True
+            if key in self._misses:
+                return False
         if len(self._in_flight) >= self._head_concurrency:
             self.outcomes[OVER_CAPACITY] += 1
             return False

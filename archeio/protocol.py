@@ -14,9 +14,9 @@ Guarantees kept here:
 - a request line longer than `max_request_line` gets 414, headers larger
   than `max_header_bytes` 431, anything unparseable 400, then the
   connection closes: nothing is buffered without limit;
-- a request whose headers take longer than `header_timeout` to arrive, and
-  a connection idle longer than `keepalive_timeout`, are closed by a sweep
-  (no timer per request);
+- a request whose headers (and body, if it sends one) take longer than
+  `header_timeout` to arrive, and a connection idle longer than
+  `keepalive_timeout`, are closed by a sweep (no timer per request);
 - a client that does not read its responses stops being read from.
 """
 
@@ -46,6 +46,9 @@ _HEADERS_TOO_LARGE = 431
 
 # Pipelined requests waiting behind an existence check, at most.
 _MAX_QUEUED = 64
+# Allowance over the request line and header limits for the bytes of one
+# read that belong to earlier pipelined requests (see data_received).
+_HEAD_SLACK = 65536
 
 
 class _TooLarge(Exception):
@@ -66,6 +69,7 @@ class Connections:
         self.max_connections = settings.max_connections
         self.max_request_line = settings.max_request_line
         self.max_header_bytes = settings.max_header_bytes
+        self.max_head_bytes = settings.max_request_line + settings.max_header_bytes + _HEAD_SLACK
 
     def protocol(self) -> RegistryProtocol:
         return RegistryProtocol(self)
@@ -111,6 +115,8 @@ class RegistryProtocol(asyncio.Protocol):
         self._forwarded: bytes | None = None
         self._trace: bytes | None = None  # X-Cloud-Trace-Context, for access logs
         self._header_bytes = 0
+        self._head_bytes = 0
+        self._reading_head = False
         self._too_large = 0
         self._queue: deque[tuple[str, bytes, bytes | None, bool, bytes | None]] = deque()
         self._waiting = False  # an existence check is running for this connection
@@ -169,6 +175,14 @@ class RegistryProtocol(asyncio.Protocol):
         except httptools.HttpParserError:
             status = self._too_large or _BAD_REQUEST
             self._send_error(status)
+        else:
+            if self._reading_head:
+                # httptools hands a header to on_header only once it is
+                # complete, buffering it until then: an endless header would
+                # never reach that limit. Count the unfinished head here.
+                self._head_bytes += len(data)
+                if self._head_bytes > self._connections.max_head_bytes:
+                    self._send_error(_HEADERS_TOO_LARGE)
 
     # -- parser callbacks -------------------------------------------------
 
@@ -178,6 +192,8 @@ class RegistryProtocol(asyncio.Protocol):
         self._forwarded = None
         self._trace = None
         self._header_bytes = 0
+        self._head_bytes = 0
+        self._reading_head = True
         if not self.header_deadline:
             self.header_deadline = self._loop.time() + self._connections.header_timeout
 
@@ -199,9 +215,12 @@ class RegistryProtocol(asyncio.Protocol):
             self._trace = value
 
     def on_headers_complete(self) -> None:
-        self.header_deadline = 0.0
+        self._reading_head = False
 
     def on_message_complete(self) -> None:
+        # Only now: a body (which nothing here reads) must arrive within the
+        # same deadline, or a slow one would hold the connection forever.
+        self.header_deadline = 0.0
         self._in_request = False
         method = _METHODS.get(self._parser.get_method(), "OTHER")
         keep_alive = self._parser.should_keep_alive() and not self._connections.closing
