@@ -7,7 +7,8 @@ the server only through its command line and HTTP).
 - `FakeMirror` is a blob bucket on loopback whose behaviour a test changes
   while the server runs: answer, hang, reset the connection, return a
   status, answer slowly, or hold every HEAD until a gate opens. It counts
-  the HEADs it gets per digest and how many were in flight at once.
+  the HEADs it gets per path (mirror + digest) and how many were in
+  flight at once.
 - `running_server` runs the real `Server` in the test's event loop, so a
   test can look at its breaker and cache; `ServerProcess` runs
   `archeio serve` as a subprocess, for signals and for synchronous
@@ -156,7 +157,7 @@ class FakeMirror:
 
     async def answer(self, conn: _MirrorConnection, path: str) -> None:
         name = path.rsplit("/", 1)[-1]
-        self.heads[name] += 1
+        self.heads[path] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -234,6 +235,8 @@ def server_env(mirror_url: str, default_url: str, tmp: Path, **overrides: str) -
         "DEFAULT_AWS_BASE_URL": default_url,
         "ARCHEIO_MIRRORS_FILE": str(mirrors),
         "ARCHEIO_LOG_LEVEL": "info",
+        # No admin port: servers of parallel tests would all want 9090.
+        "ARCHEIO_ADMIN_PORT": "0",
     }
     if SHARED_RANGES.is_dir():
         env["ARCHEIO_RANGES_DIR"] = str(SHARED_RANGES)
@@ -241,12 +244,11 @@ def server_env(mirror_url: str, default_url: str, tmp: Path, **overrides: str) -
     return env
 
 
-def closed_port_url() -> str:
-    """A loopback URL where nothing listens (connections are refused)."""
+def free_port() -> int:
+    """A loopback port free right now (for the admin port, which takes no socket)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/closed"
+        return int(sock.getsockname()[1])
 
 
 def allowed_prefixes(settings: Settings) -> tuple[str, ...]:
@@ -495,7 +497,10 @@ class AsyncClient:
                 return response
             except Incomplete:
                 pass
-            chunk = await self.reader.read(65536)
+            try:
+                chunk = await self.reader.read(65536)
+            except ConnectionResetError:
+                chunk = b""  # a reset is a close: what counts is how much of an answer came
             if not chunk:
                 raise ConnectionError(f"closed after {len(self._data)} bytes of a response")
             self._data += chunk

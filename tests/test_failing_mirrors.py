@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +36,12 @@ from .reliability_support import (
     FakeMirror,
     blob_path,
     digest,
+    exchange,
     fetch,
+    free_port,
+    request_bytes,
     running_server,
+    served_process,
     server_env,
     settings_from,
     wait_until,
@@ -240,3 +246,21 @@ async def test_stuck_check_does_not_delay_cached_or_manifest_answers(tmp_path: P
         assert not pending.done()
         w.mirror.release()
         assert await pending == upstream_location(2)
+
+
+def test_breaker_state_is_a_metric(tmp_path: Path) -> None:
+    with served_process(
+        tmp_path, ARCHEIO_ADMIN_PORT=str(free_port()), ARCHEIO_ADMIN_HOST="127.0.0.1",
+        ARCHEIO_BREAKER_FAILURES=str(BREAKER_FAILURES), ARCHEIO_BREAKER_COOLDOWN="3600",
+    ) as (server, configured, mirror):
+        mirror.mode, mirror.status = STATUS, 503
+        for n in range(BREAKER_FAILURES):
+            response = exchange(server.port, request_bytes("GET", blob_path(digest(n)), xff(AWS_EU_WEST_3)))
+            assert response.header("Location") == upstream_location(n)
+        open_line = f'archeio_mirror_breaker_state{{mirror="{mirror.url}",state="open"}} 1.0'
+        admin = f"http://127.0.0.1:{configured.admin_port}/metrics"
+        deadline = time.monotonic() + 30
+        while open_line not in (text := urllib.request.urlopen(admin, timeout=30).read().decode()):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+        assert f"mirror {mirror.url} circuit breaker open" in server.messages()
