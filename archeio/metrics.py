@@ -58,7 +58,7 @@ class WorkerStats:
     def __init__(self) -> None:
         # outcome -> counts per bucket (the last one is +Inf), and sum of seconds.
         self.check_buckets: dict[str, list[int]] = {}
-        self.check_seconds: Counter[str] = Counter()
+        self.check_seconds: dict[str, float] = {}
         # (cloud, reload outcome) -> count; see reload.py.
         self.reloads: Counter[tuple[str, str]] = Counter()
 
@@ -75,7 +75,7 @@ class WorkerStats:
                 break
         else:
             buckets[-1] += 1
-        self.check_seconds[outcome] += seconds
+        self.check_seconds[outcome] = self.check_seconds.get(outcome, 0.0) + seconds
 
 
 def published_timestamp(serial: str) -> float | None:

@@ -90,9 +90,12 @@ def docs() -> tuple[dict[str, Any], dict[str, Any]]:
     return range_documents()
 
 
-def _frontend(directory: Path) -> Frontend:
+def _reloading(directory: Path, aws: dict[str, Any], gcp: dict[str, Any]) -> RangeReloader:
+    """A reloader of a real Frontend serving the given files, with its own counts."""
+    write_ranges(directory, aws, gcp)
     settings = make_settings(ARCHEIO_RANGES_DIR=str(directory))
-    return Frontend(settings, load_index(directory), make_cache(settings))
+    frontend = Frontend(settings, load_index(directory), make_cache(settings))
+    return RangeReloader(frontend, directory, 0.2, Counter())
 
 
 def _garbage(directory: Path, aws: dict[str, Any]) -> None:
@@ -139,11 +142,9 @@ async def test_refused_file_keeps_the_loaded_data_and_is_counted(
     tmp_path: Path, docs: tuple[dict[str, Any], dict[str, Any]], spoil: Any, outcome: str,
 ) -> None:
     aws, gcp = docs
-    write_ranges(tmp_path, aws, gcp)
-    frontend = _frontend(tmp_path)
+    reloader = _reloading(tmp_path, aws, gcp)
+    frontend, counts = reloader.frontend, reloader.counts
     loaded = frontend.index.providers[AWS]
-    counts: Counter[tuple[str, str]] = Counter()
-    reloader = RangeReloader(frontend, tmp_path, 0.2, counts)
     spoil(tmp_path, aws)
 
     verdicts = {v.cloud: v.outcome for v in await reloader.reload("test")}
@@ -159,11 +160,9 @@ async def test_newer_file_is_swapped_in_and_other_providers_keep_theirs(
     tmp_path: Path, docs: tuple[dict[str, Any], dict[str, Any]],
 ) -> None:
     aws, gcp = docs
-    write_ranges(tmp_path, aws, gcp)
-    frontend = _frontend(tmp_path)
+    reloader = _reloading(tmp_path, aws, gcp)
+    frontend, counts = reloader.frontend, reloader.counts
     gcp_loaded = frontend.index.providers[GCP]
-    counts: Counter[tuple[str, str]] = Counter()
-    reloader = RangeReloader(frontend, tmp_path, 0.2, counts)
     before = reloader.loaded_at[AWS]
     write_ranges(tmp_path, moved_region(aws, "eu-west-3", "eu-central-1", NEWER))
 
@@ -180,9 +179,8 @@ async def test_refresh_timer_picks_up_a_new_file(
     tmp_path: Path, docs: tuple[dict[str, Any], dict[str, Any]],
 ) -> None:
     aws, gcp = docs
-    write_ranges(tmp_path, aws, gcp)
-    frontend = _frontend(tmp_path)
-    reloader = RangeReloader(frontend, tmp_path, 0.2, Counter())
+    reloader = _reloading(tmp_path, aws, gcp)
+    frontend = reloader.frontend
     refresh = asyncio.get_running_loop().create_task(reloader.refresh_every(0.05))
     try:
         write_ranges(tmp_path, moved_region(aws, "eu-west-3", "eu-central-1", NEWER))
