@@ -60,6 +60,10 @@ async def start_admin(host: str, port: int, source: MetricsSource) -> web.AppRun
     # No access log: probes every few seconds would drown the real logs.
     runner = web.AppRunner(make_admin_app(source), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(exc.errno, f"admin port {host}:{port}: {exc.strerror}") from None
     log.info("admin port on %s:%s (/metrics, /healthz, /readyz)", host, port)
     return runner

@@ -210,9 +210,9 @@ class Supervisor:
                     await asyncio.wait_for(self._stop.wait(), _MONITOR_INTERVAL)
                 except TimeoutError:
                     pass
-            await self._wait_for_workers()
         finally:
-            self.stopping = True
+            self._begin_stop()  # also when the admin port could not start
+            await self._wait_for_workers()
             self._kill_remaining()
             if admin is not None:
                 await admin.cleanup()

@@ -8,6 +8,9 @@ collector itself is also checked on plain snapshots (no processes).
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,3 +199,20 @@ def test_admin_port_zero_turns_it_off(tmp_path: Path) -> None:
         assert http_get(server.url + "/healthz")[0] == 404
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_admin_port_in_use_stops_start_up_naming_it(tmp_path: Path, workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ArcheioProcess(tmp_path / "stderr.log", ARCHEIO_WORKERS=workers,
+                                ARCHEIO_RANGES_DIR=str(ranges_dir() or ""))
+        server.env["ARCHEIO_ADMIN_PORT"] = str(port)
+        result = subprocess.run([sys.executable, "-m", "archeio", "serve"], env=server.env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("archeio: cannot serve") and f"admin port 127.0.0.1:{port}" in last, result.stderr
+    assert "killing" not in result.stderr  # the workers were stopped, not killed
