@@ -47,6 +47,9 @@ def plot_latency(steps: list[dict[str, Any]], path: Path) -> None:
     for key, label, style in (("p50_ms", "p50", "o-"), ("p95_ms", "p95", "s-"), ("p99_ms", "p99", "^-"),
                               ("max_ms", "max", "x--")):
         ax.plot(rates, [s[key] for s in steps], style, label=label)
+    if all(s.get("nginx_p99_ms") for s in steps):
+        ax.plot(rates, [s["nginx_p99_ms"] for s in steps], ":", color="grey",
+                label="p99 of nginx (fixed 307) under the same load")
     for s in steps:
         if not s["driven"]:
             ax.axvspan(s["offered_rps"] * 0.9, s["offered_rps"] * 1.1, color="grey", alpha=0.25)
@@ -148,17 +151,21 @@ def render(latency: dict[str, Any], throughput: dict[str, Any]) -> str:
         "![latency against offered load](latency-vs-load.png)",
         "",
         "| offered req/s | achieved | driven | p50 ms | p95 ms | p99 ms | max ms | errors | "
-        "server CPU us/req | neighbours' CPU (cores) |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "server CPU us/req | nginx p50 / p99 ms, same load | nginx CPU us/req | neighbours' CPU (cores) |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in steps:
         lines.append(f"| {s['offered_rps']} | {s['achieved_rps']} | {'yes' if s['driven'] else 'no: generator'} | "
                      f"{s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['max_ms']} | {s['failures']} | "
-                     f"{s['server_cpu_us_per_request']} | {s.get('neighbour_cpu_cores', '-')} |")
+                     f"{s['server_cpu_us_per_request']} | "
+                     f"{s.get('nginx_p50_ms', '-')} / {s.get('nginx_p99_ms', '-')} | "
+                     f"{s.get('nginx_cpu_us_per_request', '-')} | {s.get('neighbour_cpu_cores', '-')} |")
     lines += [
         "",
-        "\"Neighbours' CPU\" is what other processes on the machine used during the step (cores): latency "
-        "figures taken while it is high include waiting for a CPU, not only the server's own work.",
+        "After each step the same Locust load went to a one-worker nginx answering a fixed 307, pinned like "
+        "the server: its latency is what the load generator and the machine add on their own, so the "
+        "server's own share is the difference. \"Neighbours' CPU\" is what other processes on the machine "
+        "used during the step (cores): figures taken while it is high include waiting for a CPU.",
         "",
         "## Throughput ceiling against nginx",
         "",

@@ -8,7 +8,10 @@ constant-throughput wait. Per step it records the locustfile's exact
 p50/p95/p99/p99.9/max over the window after the warm-up, the error rate
 (a wrong redirect is an error), the rate actually achieved, the load
 generator's own CPU share, the server's CPU time per request (from /proc,
-summed over its processes) and the HEADs the bucket answered.
+summed over its processes) and the HEADs the bucket answered. After each
+step the same Locust load (answers unchecked) goes to a one-worker nginx
+answering a fixed 307, pinned like the server: its latency is what the
+load generator and the machine add by themselves.
 
 A step counts as driven when the generator achieved at least 95% of the
 offered rate without running out of CPU; the first step it cannot drive
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    LOOPBACK,
     RESULTS,
     bucket_counts,
     can_pin,
@@ -44,6 +48,7 @@ from harness import (
     run_locust,
     start_archeio,
     start_bucket,
+    start_nginx,
 )
 
 DEFAULT_RATES = "250,500,1000,2000,4000,8000"
@@ -57,21 +62,41 @@ FIELDS = [
     "offered_rps", "users", "achieved_rps", "requests", "failures", "error_rate", "p50_ms", "p95_ms",
     "p99_ms", "p999_ms", "max_ms", "locust_p99_ms", "generator_cpu_share", "generator_cpu_warnings",
     "driven", "server_cpu_us_per_request", "server_cpu_share", "bucket_heads", "neighbour_cpu_cores",
-    "locust_exit",
+    "locust_exit", "nginx_achieved_rps", "nginx_p50_ms", "nginx_p99_ms", "nginx_max_ms", "nginx_cpu_us_per_request",
 ]
+
+
+def step_env(rate: int, args: argparse.Namespace, env: dict[str, str]) -> tuple[int, dict[str, str]]:
+    """Users for `rate`, and the locustfile's settings for one step."""
+    users = max(1, math.ceil(rate / args.user_rate))
+    return users, {**env, "BENCH_USER_RATE": f"{rate / users:g}", "BENCH_WARMUP": str(args.warmup)}
+
+
+def run_baseline(rate: int, args: argparse.Namespace, port: int, nginx_pid: int, env: dict[str, str], out: Path,
+                 load_cpus: str | None) -> dict[str, Any]:
+    """The same Locust load against the fixed-307 nginx: what the generator alone adds to latency."""
+    users, locust_env = step_env(rate, args, {**env, "BENCH_CHECK": "0"})
+    cpu_before = cpu_seconds(nginx_pid)
+    _, summary, aggregated = run_locust(port, locust_env, users, args.warmup + args.seconds,
+                                        out / f"nginx-{rate}", cpus=load_cpus)
+    total = int(aggregated.get("Request Count") or 0)
+    used = cpu_seconds(nginx_pid) - cpu_before
+    return {
+        "nginx_p50_ms": summary.get("p50_ms"), "nginx_p99_ms": summary.get("p99_ms"),
+        "nginx_max_ms": summary.get("max_ms"), "nginx_achieved_rps": summary.get("achieved_rps"),
+        "nginx_cpu_us_per_request": round(used / total * 1e6, 1) if total else None,
+    }
 
 
 def run_step(rate: int, args: argparse.Namespace, port: int, server_pid: int, bucket_port: int,
              bucket_pid: int, env: dict[str, str], out: Path, load_cpus: str | None) -> dict[str, Any]:
     wall = args.warmup + args.seconds
-    users = max(1, math.ceil(rate / args.user_rate))
-    step_env = {**env, "BENCH_USER_RATE": f"{rate / users:g}", "BENCH_WARMUP": str(args.warmup)}
+    users, locust_env = step_env(rate, args, env)
     heads_before = sum(bucket_counts(bucket_port).values())
     cpu_before = cpu_seconds(server_pid)
     bucket_before = cpu_seconds(bucket_pid)
     busy_before, locust_before = machine_busy_seconds(), children_cpu_seconds()
-    status, summary, aggregated = run_locust(port, step_env, users, args.warmup + args.seconds,
-                                             out / f"step-{rate}", cpus=load_cpus)
+    status, summary, aggregated = run_locust(port, locust_env, users, wall, out / f"step-{rate}", cpus=load_cpus)
     server_cpu = cpu_seconds(server_pid) - cpu_before
     # What everyone else on the machine used meanwhile: the noise this step ran in.
     ours = server_cpu + (cpu_seconds(bucket_pid) - bucket_before) + (children_cpu_seconds() - locust_before)
@@ -120,15 +145,18 @@ def render_markdown(result: dict[str, Any]) -> str:
         "warm-up.",
         "",
         "| offered req/s | achieved req/s | driven | p50 ms | p95 ms | p99 ms | p99.9 ms | max ms | errors | "
-        "generator CPU | server CPU us/req | server CPU share | bucket HEADs | neighbours' CPU (cores) |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "generator CPU | server CPU us/req | server CPU share | bucket HEADs | neighbours' CPU (cores) | "
+        "nginx p50 / p99 ms | nginx CPU us/req |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for s in result["steps"]:
         lines.append(
             f"| {s['offered_rps']} | {s['achieved_rps']} | {'yes' if s['driven'] else 'NO (generator)'} | "
             f"{s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['p999_ms']} | {s['max_ms']} | {s['failures']} | "
             f"{s['generator_cpu_share']} | {s['server_cpu_us_per_request']} | {s['server_cpu_share']} | "
-            f"{s['bucket_heads']} | {s['neighbour_cpu_cores']} |")
+            f"{s['bucket_heads']} | {s['neighbour_cpu_cores']} | {s.get('nginx_p50_ms', '-')} / "
+            f"{s.get('nginx_p99_ms', '-')} | {s.get('nginx_cpu_us_per_request', '-')} |")
     lines += ["", "| floor | measured | met |", "| --- | ---: | --- |"]
     lines += [f"| {f['floor']} | {f['measured']} | {'yes' if f['met'] else 'NO'} |" for f in result["floors"]]
     return "\n".join(lines) + "\n"
@@ -151,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/latency-steps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", default=DEFAULT_RATES, help=f"offered req/s per step (default {DEFAULT_RATES})")
-    parser.add_argument("--seconds", type=int, default=20, help="measured seconds per step (default 20)")
+    parser.add_argument("--seconds", type=int, default=15, help="measured seconds per step (default 15)")
     parser.add_argument("--warmup", type=int, default=4, help="seconds per step before measuring (default 4)")
-    parser.add_argument("--user-rate", type=float, default=10.0, help="req/s per simulated client (default 10)")
+    parser.add_argument("--user-rate", type=float, default=50.0,
+                        help="req/s per simulated client (default 50; see benchmarks/README.md)")
     parser.add_argument("--prewarm", type=int, default=20,
                         help=f"seconds of traffic at {PREWARM_RATE} req/s before the steps, to fill the existence "
                         "cache as in steady state (default 20; 0: start cold)")
@@ -162,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of blobs missing from the mirrors (default 0.05)")
     parser.add_argument("--ranges-dir", default="",
                         help="ARCHEIO_RANGES_DIR for server and clients (default: the embedded data, all 3 clouds)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the same load against a fixed-307 nginx after each step")
     parser.add_argument("--keep-going", action="store_true", help="run every step, even past the generator's limit")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and generator to separate CPUs")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the result files")
@@ -183,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         env.update({"ARCHEIO_RANGES_DIR": args.ranges_dir, "ARCHEIO_WORKERS": str(args.workers),
                     "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": str(args.missing_share)})
         server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
+        nginx_port = free_port()
+        nginx = None if args.no_baseline else stack.enter_context(
+            start_nginx(tmp, nginx_port, f"http://{LOOPBACK}:{bucket_port}/cdn", server_cpus))
         prewarm = None
         if args.prewarm:
             first = PREWARM_RATE
@@ -195,11 +229,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{prewarm['failures']} failures")
         for rate in (int(r) for r in args.rates.split(",")):
             step = run_step(rate, args, port, server.pid, bucket_port, bucket.pid, env, tmp, load_cpus)
+            if nginx is not None:
+                step.update(run_baseline(rate, args, nginx_port, nginx.pid, env, tmp, load_cpus))
             steps.append(step)
             print(f"  {rate:>6} req/s offered: {step['achieved_rps']:>8} achieved, p50 {step['p50_ms']} ms, "
                   f"p99 {step['p99_ms']} ms, max {step['max_ms']} ms, {step['failures']} failures, "
                   f"generator CPU {step['generator_cpu_share']}, server {step['server_cpu_us_per_request']} us/req, "
                   f"neighbours {step['neighbour_cpu_cores']} cores"
+                  + (f"; nginx baseline p50 {step['nginx_p50_ms']} ms, p99 {step['nginx_p99_ms']} ms, "
+                     f"{step['nginx_cpu_us_per_request']} us/req" if nginx is not None else "")
                   + ("" if step["driven"] else "  <- the load generator could not drive this step"))
             if step["failure_examples"]:
                 print(f"    failures: {step['failure_examples']}")

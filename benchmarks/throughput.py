@@ -62,6 +62,7 @@ from harness import (
     shared_ranges_dir,
     start_archeio,
     start_bucket,
+    start_nginx,
     start_serving,
     write_mirrors_file,
 )
@@ -182,36 +183,6 @@ def check_redirect(target: Target) -> None:
 
 
 # -- servers -------------------------------------------------------------
-
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen {host}:{port};
-        location / {{ return 307 {location}; }}
-    }}
-}}
-"""
-
-
-def start_nginx(tmp: Path, port: int, location: str, cpus: str | None) -> Process:
-    """A minimal nginx: one worker, every request a fixed 307; its own config, pid and logs."""
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, host=LOOPBACK, port=port, location=location))
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    command = [nginx, "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(conf)]
-    return start_serving("nginx", pinned(cpus, command), port, log=tmp / "nginx.out")
-
 
 def start_engine(port: int, env: dict[str, str], cpus: str | None, tmp: Path,
                  fixed: str | None = None) -> Process:
