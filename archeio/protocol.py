@@ -244,10 +244,10 @@ class RegistryProtocol(asyncio.Protocol):
             method, path, query, forwarded.decode("latin-1") if forwarded else None,
             self._peer, keep_alive, trace,
         )
-        if type(result) is bytes:
+        if isinstance(result, bytes):
             self._write(result, keep_alive)
             return
-        route, placement, mirror = result  # type: ignore[misc]
+        route, placement, mirror = result
         self._waiting = True
         if self._transport is not None:
             self._transport.pause_reading()

@@ -107,6 +107,9 @@ class Server:
         started = time.monotonic()
         settings = self.settings
         index = load_index(settings.ranges_dir)
+        # Bind before opening the client session: a port in use then fails
+        # start-up without leaving a session unclosed.
+        sock = sock or bind(settings)
         cache = make_cache(settings, self.stats.on_check)
         await cache.start()
         self.frontend = frontend = Frontend(settings, index, cache)
@@ -114,7 +117,6 @@ class Server:
         self.reloader = reloader = RangeReloader(
             frontend, settings.ranges_dir, settings.ranges_max_loss, self.stats.reloads
         )
-        sock = sock or bind(settings)
         server = await loop.create_server(connections.protocol, sock=sock)
         self.port = sock.getsockname()[1]
         for sig in (signal.SIGTERM, signal.SIGINT):

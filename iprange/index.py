@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pytricia
 
-from .parse import ProviderRanges
+from .parse import ProviderRanges, RangeFileError
 
 
 class Placement(NamedTuple):
@@ -49,15 +49,21 @@ class CloudIndex:
                 placement = placements.get(key)
                 if placement is None:
                     placement = placements[key] = Placement(*key)
-                tree = self._v6 if ":" in prefix else self._v4
+                is_v6 = ":" in prefix
+                # pytricia clamps an impossible length (/99 becomes /32) and
+                # raises SystemError for some bad addresses: check first.
+                address, slash, length = prefix.partition("/")
+                if not slash or not length.isdigit() or int(length) > (128 if is_v6 else 32):
+                    raise RangeFileError(f"{provider.cloud}: bad prefix {prefix!r}")
+                tree = self._v6 if is_v6 else self._v4
                 try:
                     # A prefix listed twice (AWS repeats ranges per service)
                     # keeps its first region; they agree in the published data.
                     if not tree.has_key(prefix):
                         tree[prefix] = placement
                         count += 1
-                except (ValueError, KeyError) as exc:
-                    raise ValueError(f"{provider.cloud}: bad prefix {prefix!r}") from exc
+                except (ValueError, KeyError, SystemError) as exc:
+                    raise RangeFileError(f"{provider.cloud}: bad prefix {prefix!r}") from exc
             self.prefix_counts[provider.cloud] = count
 
     def __len__(self) -> int:
@@ -86,7 +92,7 @@ class CloudIndex:
         # A miss in the IPv6 tree may be an IPv4-mapped address
         # (::ffff:a.b.c.d), which belongs to the IPv4 tree.
         mapped = ipaddress.IPv6Address(address).ipv4_mapped
-        return None if mapped is None else self._v4.get(str(mapped))  # type: ignore[no-any-return]
+        return None if mapped is None else self._v4.get(str(mapped))
 
     def _lookup_unusual(self, address: str) -> Placement | None:
         # Off the hot path: strings the trees refuse. A zone id

@@ -226,3 +226,10 @@ def test_unwritable_cache_dir_still_loads(tmp_path: Path, monkeypatch: pytest.Mo
     blocker.write_text("")
     monkeypatch.setenv("ARCHEIO_CACHE_DIR", str(blocker / "sub"))  # cannot be created
     assert CloudIndex(embedded.load_embedded()).lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-west-3")
+
+
+@pytest.mark.parametrize("prefix", ["35.180.0.0/99", "300.1.1.1/8", "35.180.0.0", "2600::/129", "1.2.3.0/x"])
+def test_impossible_prefixes_are_refused_not_clamped(prefix: str) -> None:
+    doc = {"createDate": "d", "prefixes": [{"ip_prefix": prefix, "region": "r"}], "ipv6_prefixes": []}
+    with pytest.raises(RangeFileError):
+        CloudIndex([parse_aws(doc)])
