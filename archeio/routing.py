@@ -56,6 +56,10 @@ MAX_NAME_LENGTH = 255
 # expressions; the table is emptied when full, which bounds its memory
 # whatever an attacker sends.
 KNOWN_PATHS = 20_000
+# Longer paths are not remembered: no real pull path is that long (a name
+# is at most 255 characters, a checkable digest 135), and remembering
+# 20,000 paths near the 8 KB request-line limit would hold about 160 MB.
+KNOWN_PATH_LENGTH = 512
 
 # Route kinds, also the `kind` label of metrics and access logs.
 BLOB = "blob"
@@ -183,9 +187,10 @@ class Router:
         if path.startswith("/v2/"):
             decoded = decode_path(path)
             answer = NAME_INVALID if decoded is None else self._classify_v2(decoded[4:])
-            if len(self._known) >= KNOWN_PATHS:
-                self._known.clear()
-            self._known[path] = answer
+            if len(path) <= KNOWN_PATH_LENGTH:
+                if len(self._known) >= KNOWN_PATHS:
+                    self._known.clear()
+                self._known[path] = answer
             return answer
         if path == "/v2":
             return V2_ROOT
