@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import random
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -267,6 +268,27 @@ async def test_oversized_input_is_refused_before_it_ends(
         assert sent < STREAM_TOTAL
         assert response is not None and response.status == status
         assert response.header("Connection") == "close"
+
+
+# -- memory ------------------------------------------------------------------------
+
+
+def test_router_does_not_remember_long_paths(tmp_path: Path) -> None:
+    # Regression: the router remembered every classified /v2/ path, so
+    # 20,000 distinct paths near the 8 KB limit held about 160 MB.
+    from archeio.routing import Router
+
+    router = Router(settings_from(server_env("http://127.0.0.1:1/m", "http://127.0.0.1:1/d", tmp_path)))
+    router.classify("GET", "/v2/warm/manifests/latest")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(2000):
+            router.classify("GET", f"/v2/{'a' * 7900}{n:08d}/manifests/latest")
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 1_000_000, f"{retained} bytes kept for 2,000 long paths"
 
 
 # -- SIGTERM during load ----------------------------------------------------------

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Memory under a flood of distinct digests: RSS growth against the configured cache bounds.
+
+`benchmarks/memory_flood.py` starts one `archeio serve` (cache size
+`--cache-size`, default the server's 200,000 entries per cache) and the
+switchable mirror of fault_injection.py answering half the blobs 200 and
+half 404, so both the hit cache and the miss cache fill. Then:
+
+1. 1,000,000 blob requests (default `--digests`), every digest distinct
+   and well formed, from an AWS eu-west-3 client: each costs one HEAD and
+   one cache entry, so the caches fill and then must evict.
+2. 40,000 requests with distinct 8,000-byte paths (the longest request
+   target the default limit lets through): the router's table of
+   remembered paths must not turn long paths into memory.
+
+The server's resident memory (VmRSS of its process, from /proc) is read at
+checkpoints; cache entry counts come from its admin port's /metrics. The
+figure: RSS growth from the start to the end of each phase, against the
+configured bound (2 caches x cache size x the measured bytes per entry
+while filling), and growth once the caches were full (should be ~0).
+
+Results: benchmarks/results/memory-flood.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from harness import (
+    LOOPBACK,
+    RESULTS,
+    can_pin,
+    free_port,
+    machine,
+    machine_line,
+    pinned,
+    shared_ranges_dir,
+    start_archeio,
+    start_serving,
+    write_mirrors_file,
+)
+
+CONNECTIONS = 128
+EU_WEST_3 = "35.180.1.1"
+LONG_PATH_BYTES = 8000
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cache_entries(admin_port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{admin_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    pattern = r'archeio_existence_cache_entries\{cache="(\w+)"\} (\S+)'
+    return {m[1]: int(float(m[2])) for m in re.finditer(pattern, text)}
+
+
+def mirror_heads(port: int) -> int:
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/_fault", timeout=10) as response:
+        return int(json.loads(response.read())["heads"])
+
+
+async def flood(port: int, targets: Any, count: int, on_progress: Any) -> dict[str, int]:
+    """Send `count` GETs (paths from the `targets` iterator) over CONNECTIONS keep-alive connections."""
+    statuses: dict[str, int] = {}
+    sent = 0
+    header = f"Host: x\r\nX-Forwarded-For: {EU_WEST_3}, 127.0.0.1\r\n\r\n".encode()
+
+    async def connection() -> None:
+        nonlocal sent
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        try:
+            while sent < count:
+                sent += 1
+                if sent % 50_000 == 0:
+                    on_progress(sent)
+                writer.write(b"GET " + next(targets).encode() + b" HTTP/1.1\r\n" + header)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = head[9:12].decode()
+                statuses[status] = statuses.get(status, 0) + 1
+                length = re.search(rb"Content-Length: (\d+)", head)
+                if length and int(length[1]):
+                    await reader.readexactly(int(length[1]))
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(CONNECTIONS)))
+    return statuses
+
+
+def distinct_digests() -> Any:
+    n = 0
+    while True:
+        n += 1
+        yield f"/v2/pause/blobs/sha256:{n:064x}"
+
+
+def distinct_long_paths() -> Any:
+    n = 0
+    filler = "a" * (LONG_PATH_BYTES - 100)
+    while True:
+        n += 1
+        yield f"/v2/{filler}{n:020d}/manifests/latest"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--digests", type=int, default=1_000_000)
+    parser.add_argument("--long-paths", type=int, default=40_000)
+    parser.add_argument("--cache-size", type=int, default=200_000)
+    args = parser.parse_args(argv)
+
+    import uvloop
+
+    server_cpus, generator_cpus = ("0", "1") if can_pin() else (None, None)
+    info: dict[str, Any] = {"machine": machine(), "cache_size": args.cache_size, "digests": args.digests}
+    checkpoints: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="archeio-memory-") as tmp_name:
+        tmp = Path(tmp_name)
+        mirror_port, port, admin_port = free_port(), free_port(), free_port()
+        base = f"http://{LOOPBACK}:{mirror_port}"
+        env = {
+            "UPSTREAM_REGISTRY_ENDPOINT": "http://127.0.0.2:5001",
+            "DEFAULT_AWS_BASE_URL": f"{base}/cdn",
+            "ARCHEIO_MIRRORS_FILE": str(write_mirrors_file(tmp / "mirrors.toml", {"AWS": {"eu-west-3": f"{base}/eu"}})),
+            "ARCHEIO_CACHE_SIZE": str(args.cache_size),
+            "ARCHEIO_CACHE_HIT_TTL": "86400", "ARCHEIO_CACHE_MISS_TTL": "86400",
+            "ARCHEIO_ADMIN_PORT": str(admin_port), "ARCHEIO_ADMIN_HOST": LOOPBACK,
+        }
+        if shared_ranges_dir():
+            env["ARCHEIO_RANGES_DIR"] = str(shared_ranges_dir())
+        mirror_command = pinned(generator_cpus, [
+            sys.executable, str(Path(__file__).resolve().parent / "fault_injection.py"),
+            "mirror", "--port", str(mirror_port), "--missing-share", "0.5",
+        ])
+        with start_serving("fault mirror", mirror_command, mirror_port, log=tmp / "mirror.log", ready_path="/_fault"), \
+                start_archeio(env, port, server_cpus, tmp / "archeio.log") as server:
+            if generator_cpus:
+                import os
+                os.sched_setaffinity(0, {int(generator_cpus)})
+            started = time.monotonic()
+
+            def checkpoint(phase: str, requests: int) -> None:
+                row = {"phase": phase, "requests": requests, "rss_mb": round(rss_bytes(server.pid) / 2**20, 1),
+                       **cache_entries(admin_port), "seconds": round(time.monotonic() - started, 1)}
+                checkpoints.append(row)
+                print(json.dumps(row), flush=True)
+
+            checkpoint("start", 0)
+            digests = distinct_digests()
+            statuses = uvloop.run(flood(port, digests, args.digests, lambda n: checkpoint("digests", n)))
+            checkpoint("digests done", args.digests)
+            info["digest_statuses"] = statuses
+            info["heads_per_1000"] = round(mirror_heads(mirror_port) * 1000 / args.digests, 1)
+            long_statuses = uvloop.run(flood(port, distinct_long_paths(), args.long_paths,
+                                             lambda n: checkpoint("long paths", args.digests + n)))
+            checkpoint("long paths done", args.digests + args.long_paths)
+            info["long_path_statuses"] = long_statuses
+    report, ok = summarize(info, checkpoints, args.cache_size)
+    print()
+    print(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "memory-flood.json").write_text(json.dumps({**info, "checkpoints": checkpoints}, indent=2))
+    (RESULTS / "memory-flood.md").write_text(report)
+    return 0 if ok else 1
+
+
+def summarize(info: dict[str, Any], checkpoints: list[dict[str, Any]], cache_size: int) -> tuple[str, bool]:
+    start = checkpoints[0]
+    full = next((c for c in checkpoints if c.get("hits", 0) >= cache_size and c.get("misses", 0) >= cache_size), None)
+    digests_done = next(c for c in checkpoints if c["phase"] == "digests done")
+    end = checkpoints[-1]
+    growth = digests_done["rss_mb"] - start["rss_mb"]
+    lines = [
+        "# Memory under a flood of distinct digests", "",
+        f"Machine: {machine_line(info['machine'])}.", "",
+        f"{info['digests']:,} distinct well-formed digests (half in the mirror, half not), then "
+        f"{end['requests'] - digests_done['requests']:,} distinct {LONG_PATH_BYTES:,}-byte paths; "
+        f"cache size {cache_size:,} entries per cache (hits, misses), TTLs one day.", "",
+        "| phase | requests | RSS MB | hit entries | miss entries | seconds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {c['phase']} | {c['requests']:,} | {c['rss_mb']} | {c.get('hits', '')} | {c.get('misses', '')} "
+              f"| {c['seconds']} |" for c in checkpoints]
+    ok = True
+    lines.append("")
+    if full is None:
+        lines.append("The caches never filled: raise --digests or lower --cache-size.")
+        ok = False
+    else:
+        per_entry = (full["rss_mb"] - start["rss_mb"]) * 2**20 / (full["hits"] + full["misses"])
+        after_full = digests_done["rss_mb"] - full["rss_mb"]
+        long_growth = end["rss_mb"] - digests_done["rss_mb"]
+        bound_mb = 2 * cache_size * per_entry / 2**20
+        lines += [
+            f"- RSS growth over {info['digests']:,} distinct digests: **{growth:.1f} MB**; the caches' bound "
+            f"(2 x {cache_size:,} entries x {per_entry:.0f} bytes an entry, measured while filling) is "
+            f"{bound_mb:.1f} MB.",
+            f"- Growth after both caches were full ({full['requests']:,} requests on): **{after_full:.1f} MB**.",
+            f"- Growth over the distinct long paths: **{long_growth:.1f} MB**.",
+            f"- HEADs per 1,000 flood requests (all digests distinct): {info['heads_per_1000']}.",
+            f"- Statuses: digests {info['digest_statuses']}, long paths {info['long_path_statuses']}.",
+        ]
+        # Allow 10% or 16 MB of allocator noise over the bound; no real growth once full.
+        ok = growth <= bound_mb * 1.1 + 16 and after_full <= 16 and long_growth <= 32
+    lines += ["", "Verdict: " + ("bounded." if ok else "NOT BOUNDED as configured."), ""]
+    return "\n".join(lines), ok
+
+
+if __name__ == "__main__":
+    sys.exit(main())
