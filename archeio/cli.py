@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"archeio: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.access_log > 0)
     try:
         serve(settings)  # --workers N: N processes on the port, see workers.py
     except RangeFileError as exc:

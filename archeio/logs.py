@@ -30,10 +30,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str) -> None:
-    """JSON lines on stderr at `level`; replaces any earlier handlers."""
+def setup_logging(level: str, access_log: bool = False) -> None:
+    """JSON lines on stderr at `level`; replaces any earlier handlers.
+
+    Access lines are INFO records: when they are turned on they are kept
+    whatever `level` says, so `ARCHEIO_LOG_LEVEL=warning` with access logs
+    on means access lines and warnings, nothing else.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("archeio.access").setLevel(logging.INFO if access_log else logging.NOTSET)

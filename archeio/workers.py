@@ -91,7 +91,7 @@ def worker_main(settings: Settings, worker: str, snapshot_dir: str) -> None:
     """Entry point of a worker process."""
     # A SIGHUP before the loop's handler is installed must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.access_log > 0)
     server = Server(settings, worker=worker, snapshot_path=Path(snapshot_dir) / f"worker-{worker}.json")
     try:
         uvloop.run(_run_worker(server, bind(settings, reuse_port=True)))

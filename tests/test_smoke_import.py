@@ -21,3 +21,21 @@ def test_readme_settings_table_matches_the_code() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert settings_table() in readme, "run scripts/readme-settings"
+
+
+def test_access_lines_survive_a_warning_log_level() -> None:
+    import logging
+
+    from archeio.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("WARNING", access_log=True)
+        assert logging.getLogger("archeio.access").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("archeio").isEnabledFor(logging.INFO)
+        setup_logging("WARNING", access_log=False)
+        assert not logging.getLogger("archeio.access").isEnabledFor(logging.INFO)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
