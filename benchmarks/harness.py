@@ -249,13 +249,25 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "archeio_commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The code measured: commit of the work tree, "-dirty" with uncommitted changes."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip()
 
 
 def machine_line(info: Mapping[str, object]) -> str:
     return (f"{info['date']}, {info['cpu_model']}, {info['cores']} cores, "
             f"Python {info['python']}, Linux {info['kernel']}, load average at start "
-            f"{', '.join(str(x) for x in info['load_average_at_start'])}")  # type: ignore[attr-defined]
+            f"{', '.join(str(x) for x in info['load_average_at_start'])}, "  # type: ignore[attr-defined]
+            f"code {info.get('archeio_commit', 'unknown')}")
 
 
 def write_mirrors_file(path: Path, mirrors: Mapping[str, Mapping[str, str]]) -> Path:
