@@ -31,7 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from harness import RESULTS, machine_line  # noqa: E402
+from harness import RESULTS, floors_table, machine_line  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 TARGET_RATES = (1_000, 2_500, 5_000, 10_000)
@@ -209,11 +209,8 @@ def render(latency: dict[str, Any], throughput: dict[str, Any]) -> str:
         "",
         "## Floors",
         "",
-        "| floor | measured | met |",
-        "| --- | ---: | --- |",
+        *floors_table(latency["floors"] + throughput["floors"]),
     ]
-    for floor in latency["floors"] + throughput["floors"]:
-        lines.append(f"| {floor['floor']} | {floor['measured']} | {'yes' if floor['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 

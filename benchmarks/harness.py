@@ -270,6 +270,13 @@ def machine_line(info: Mapping[str, object]) -> str:
             f"code {info.get('archeio_commit', 'unknown')}")
 
 
+def floors_table(floors: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown rows: each floor, its measured figure, met or not."""
+    return ["| floor | measured | met |", "| --- | ---: | --- |"] + [
+        f"| {f['floor']} | {f['measured']} | {'yes' if f['met'] else 'NO'} |" for f in floors
+    ]
+
+
 def write_mirrors_file(path: Path, mirrors: Mapping[str, Mapping[str, str]]) -> Path:
     """An ARCHEIO_MIRRORS_FILE: `[mirrors.<Cloud>]` tables of region = base URL."""
     lines: list[str] = []

@@ -40,6 +40,7 @@ from harness import (
     can_pin,
     children_cpu_seconds,
     cpu_seconds,
+    floors_table,
     free_port,
     local_mirrors_env,
     machine,
@@ -157,8 +158,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{s['generator_cpu_share']} | {s['server_cpu_us_per_request']} | {s['server_cpu_share']} | "
             f"{s['bucket_heads']} | {s['neighbour_cpu_cores']} | {s.get('nginx_p50_ms', '-')} / "
             f"{s.get('nginx_p99_ms', '-')} | {s.get('nginx_cpu_us_per_request', '-')} |")
-    lines += ["", "| floor | measured | met |", "| --- | ---: | --- |"]
-    lines += [f"| {f['floor']} | {f['measured']} | {'yes' if f['met'] else 'NO'} |" for f in result["floors"]]
+    lines += ["", *floors_table(result["floors"])]
     return "\n".join(lines) + "\n"
 
 

@@ -55,6 +55,7 @@ from harness import (
     Process,
     can_pin,
     cpu_seconds,
+    floors_table,
     free_port,
     machine,
     machine_line,
@@ -436,8 +437,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                   for row in scaling["rows"]]
         lines.append(f"\nCPU per request, 2 workers / 1 worker (median of rounds): "
                      f"{scaling['cpu_per_request_ratio_2_to_1']}; per round: {scaling.get('ratio_per_round')}")
-    lines += ["", "| floor | measured | met |", "| --- | ---: | --- |"]
-    lines += [f"| {f['floor']} | {f['measured']} | {'yes' if f['met'] else 'NO'} |" for f in result["floors"]]
+    lines += ["", *floors_table(result["floors"])]
     return "\n".join(lines) + "\n"
 
 
