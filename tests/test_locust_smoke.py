@@ -30,7 +30,10 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int, di
     bucket_port, port = harness.free_port(), harness.free_port()
     env = harness.local_mirrors_env(tmp, bucket_port)
     env["ARCHEIO_RANGES_DIR"] = str(harness.shared_ranges_dir() or "")
-    env.update({"ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": MISSING_SHARE, "BENCH_USER_RATE": "20"})
+    env.update({"ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": MISSING_SHARE, "BENCH_USER_RATE": "20",
+                # A HEAD that times out on a loaded machine would (rightly) send the
+                # blob upstream; this test is about answers, not timing.
+                "ARCHEIO_HEAD_TIMEOUT": "10"})
     with harness.start_bucket(bucket_port, "--missing-share", MISSING_SHARE, log=tmp / "bucket.log"), \
             harness.start_archeio(env, port, log=tmp / "archeio.log"):
         yield port, bucket_port, env
