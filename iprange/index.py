@@ -90,7 +90,15 @@ class CloudIndex:
 
     def _lookup_unusual_v6(self, address: str) -> Placement | None:
         # A miss in the IPv6 tree may be an IPv4-mapped address
-        # (::ffff:a.b.c.d), which belongs to the IPv4 tree.
+        # (::ffff:a.b.c.d), which belongs to the IPv4 tree. Any spelling of
+        # one has "ffff" in it (only zeros can be left out), so most misses
+        # are settled without parsing.
+        lowered = address.lower()
+        if "ffff" not in lowered:
+            return None
+        if lowered.startswith("::ffff:") and "." in lowered:
+            # The usual spelling, as dual-stack sockets report IPv4 peers.
+            return self._v4.get(address[7:])  # type: ignore[no-any-return]
         mapped = ipaddress.IPv6Address(address).ipv4_mapped
         return None if mapped is None else self._v4.get(str(mapped))
 
