@@ -109,8 +109,10 @@ def run_mirror(port: int, missing_share: float = MISSING_SHARE) -> None:
     web.run_app(app, host=LOOPBACK, port=port, print=None, access_log=None, backlog=4096)
 
 
-def start_mirror(port: int, cpus: str | None, log: Path | None = None) -> Process:
-    command = pinned(cpus, [sys.executable, str(Path(__file__).resolve()), "mirror", "--port", str(port)])
+def start_mirror(port: int, cpus: str | None, log: Path | None = None, missing_share: float = MISSING_SHARE) -> Process:
+    """This file's `mirror` command as a process, once it answers."""
+    command = pinned(cpus, [sys.executable, str(Path(__file__).resolve()), "mirror", "--port", str(port),
+                            "--missing-share", str(missing_share)])
     return start_serving("fault mirror", command, port, log=log, ready_path="/_fault")
 
 
