@@ -59,6 +59,8 @@ GOOGLE_CLOUD = "35.220.26.1"
 NOBODY = "192.168.0.1"
 LOAD_BALANCER = "127.0.0.1"
 
+_LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close() sends RST
+
 # Statuses the public port may answer with; anything else is a defect.
 DEFINED_STATUSES = frozenset({200, 307, 400, 404, 405, 408, 414, 431})
 
@@ -189,7 +191,7 @@ class FakeMirror:
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Linger 0: close() sends RST instead of FIN.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         transport.abort()
 
 
@@ -451,6 +453,10 @@ def exchange(port: int, raw: bytes, head: bool = False, timeout: float = 30.0) -
     Raises AssertionError if the server closes without a whole answer.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        # Close with a reset, so no side keeps the connection in TIME_WAIT:
+        # hundreds of thousands of examples would otherwise exhaust the
+        # loopback ports and make connections fail for the wrong reason.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         with contextlib.suppress(OSError):  # the server may answer and close before all is sent
             sock.sendall(raw)
         data = b""

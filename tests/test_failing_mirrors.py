@@ -175,7 +175,7 @@ async def test_breaker_opens_after_repeated_failures_and_stops_heads(
     assert world.cache.outcomes[BREAKER_OPEN] == 100 - BREAKER_FAILURES
 
 
-async def test_breaker_is_per_mirror(world: World, tmp_path: Path) -> None:
+async def test_breaker_is_per_mirror(world: World) -> None:
     # Clients with no regional mirror use the default (/cdn on the same fake
     # server): its breaker is its own and stays closed.
     world.mirror.present.update(digest(n) for n in range(10))

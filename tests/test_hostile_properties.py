@@ -54,6 +54,9 @@ from .reliability_support import (
 
 HTTP_EXAMPLES = int(os.environ.get("ARCHEIO_FUZZ_EXAMPLES", "3000"))
 PURE_EXAMPLES = max(HTTP_EXAMPLES, 5000)
+# The suite's 300 s per test is for the default counts; a long run gets
+# about 20 ms an example.
+pytestmark = pytest.mark.timeout(300 + PURE_EXAMPLES // 50)
 
 _fuzz = settings(
     max_examples=HTTP_EXAMPLES, deadline=None, derandomize=False,
