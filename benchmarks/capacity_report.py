@@ -21,6 +21,7 @@ allows at a utilisation that keeps queueing short.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -134,7 +135,22 @@ def instances_table(steps: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render(latency: dict[str, Any], throughput: dict[str, Any]) -> str:
+def history_tables(results: Path) -> list[str]:
+    """Every recorded run's headline figures, from the history CSVs, as Markdown tables."""
+    lines: list[str] = []
+    for name, title in (("throughput-history.csv", "Throughput runs"), ("latency-steps-history.csv", "Latency runs")):
+        path = results / name
+        if not path.exists():
+            continue
+        with open(path, newline="") as rows:
+            table = list(csv.reader(rows))
+        lines += ["", f"{title} ([{name}]({name})):", "", "| " + " | ".join(table[0]) + " |",
+                  "|" + " --- |" * len(table[0])]
+        lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    return lines
+
+
+def render(latency: dict[str, Any], throughput: dict[str, Any], history: list[str]) -> str:
     steps = latency["steps"]
     summary = throughput["summary"]
     blob = next(r for r in summary if r["target"] == "blob-aws")
@@ -211,6 +227,10 @@ def render(latency: dict[str, Any], throughput: dict[str, Any]) -> str:
         "",
         *floors_table(latency["floors"] + throughput["floors"]),
     ]
+    if history:
+        lines += ["", "## Run to run", "",
+                  "The same commands at other times of the day on the same shared machine: how much the "
+                  "figures move with the neighbours' load.", *history]
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plot_latency(latency["steps"], args.results / "latency-vs-load.png")
     plot_throughput(throughput["summary"], args.results / "throughput-vs-nginx.png")
-    report = render(latency, throughput)
+    report = render(latency, throughput, history_tables(args.results))
     (args.results / "capacity-report.md").write_text(report)
     print(report)
     return 0

@@ -366,3 +366,13 @@ def children_cpu_seconds() -> float:
     """CPU time of this process's finished, waited-for children (a Locust run, a wrk run)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def append_history(path: Path, row: Mapping[str, object]) -> None:
+    """One line per run in a CSV beside the results: how much figures move from run to run."""
+    new = not path.exists()
+    with open(path, "a", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

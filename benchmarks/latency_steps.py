@@ -36,6 +36,7 @@ from typing import Any
 from harness import (
     LOOPBACK,
     RESULTS,
+    append_history,
     bucket_counts,
     can_pin,
     children_cpu_seconds,
@@ -162,6 +163,21 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def history_row(result: dict[str, Any]) -> dict[str, object]:
+    """The run's headline figures, one line of the history CSV."""
+    steps, info = result["steps"], result["machine"]
+    at_floor = next((s for s in steps if s["offered_rps"] == FLOOR_RATE), {})
+    return {
+        "date": info["date"], "code": info["archeio_commit"], "load_average": info["load_average_at_start"][0],
+        "highest_driven_rps": max((s["offered_rps"] for s in steps if s["driven"]), default=None),
+        "failures_driven": sum(s["failures"] for s in steps if s["driven"]),
+        f"p99_ms_at_{FLOOR_RATE}": at_floor.get("p99_ms"),
+        f"nginx_p99_ms_at_{FLOOR_RATE}": at_floor.get("nginx_p99_ms"),
+        f"server_cpu_us_at_{FLOOR_RATE}": at_floor.get("server_cpu_us_per_request"),
+        f"neighbour_cores_at_{FLOOR_RATE}": at_floor.get("neighbour_cpu_cores"),
+    }
+
+
 def floors(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     at_floor = next((s for s in steps if s["offered_rps"] == FLOOR_RATE and s["driven"]), None)
     driven = [s for s in steps if s["driven"]]
@@ -259,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(steps)
+    append_history(args.results / f"{name}-history.csv", history_row(result))
     print(render_markdown(result))
     return 0
 

@@ -53,6 +53,7 @@ from harness import (
     LOOPBACK,
     RESULTS,
     Process,
+    append_history,
     can_pin,
     cpu_seconds,
     floors_table,
@@ -356,8 +357,24 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in runs],
     }
     write_results(args.results, result)
+    append_history(args.results / "throughput-history.csv", history_row(result))
     print(render_markdown(result))
     return 0
+
+
+def history_row(result: dict[str, Any]) -> dict[str, object]:
+    rows = {row["target"]: row for row in result["summary"]}
+    scaling = result["scaling"]
+    return {
+        "date": result["machine"]["date"], "code": result["machine"]["archeio_commit"],
+        "load_average": result["machine"]["load_average_at_start"][0],
+        "nginx_rps": rows["nginx"]["rps"], "nginx_cpu_us": rows["nginx"]["cpu_us_per_request"],
+        "blob_aws_ratio": rows["blob-aws"]["ratio_to_nginx"], "blob_aws_cpu_us": rows["blob-aws"]["cpu_us_per_request"],
+        "manifest_ratio": rows["manifest"]["ratio_to_nginx"], "blob_gcp_ratio": rows["blob-gcp"]["ratio_to_nginx"],
+        "aiohttp_blob_ratio": rows.get("aiohttp-blob-aws", {}).get("ratio_to_nginx"),
+        "scaling_cpu_ratio": scaling["cpu_per_request_ratio_2_to_1"] if scaling else None,
+        "lookup_worst_ns": result["ip_lookup"]["worst_ns"],
+    }
 
 
 def measure_scaling(env: dict[str, str], tmp: Path, in_mirror: str, args: argparse.Namespace,
