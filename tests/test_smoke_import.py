@@ -39,3 +39,20 @@ def test_access_lines_survive_a_warning_log_level() -> None:
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+def test_wheel_ships_every_package_and_the_mirror_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`pip install .` (the README's first command) must carry all of it, not just an editable view."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root),
+         "-w", str(tmp_path)],
+        check=True, capture_output=True, timeout=300,
+    )
+    (wheel,) = tmp_path.glob("archeio-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for source in [*root.glob("archeio/**/*.py"), *root.glob("iprange/**/*.py"), root / "archeio/data/aws-mirrors.toml"]:
+        assert str(source.relative_to(root)) in names
