@@ -289,7 +289,7 @@ class Summary:
         if exception is not None:
             self.failures += 1
             if len(self.failure_examples) < 20:
-                self.failure_examples[str(exception)[:300]] += 1
+                self.failure_examples[str(exception)[:1000]] += 1
 
     def result(self) -> dict[str, Any]:
         seconds = time.monotonic() - self.window_start if self.window_start else 0.0
