@@ -11,6 +11,7 @@ import sys
 
 from iprange import RangeFileError
 
+from . import signals
 from .config import ConfigError, add_arguments, load_settings, settings_table
 from .mirror.cli import add_arguments as add_mirror_arguments
 from .mirror.cli import run as run_mirror
@@ -31,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # Before anything slow: a SIGHUP or SIGTERM during start-up is held
+        # until the server can act on it, never fatal (signals.py).
+        signals.hold()
     args = _parser().parse_args(argv)
     if args.command == "settings":
         print(settings_table())

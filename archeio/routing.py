@@ -77,13 +77,19 @@ LOCAL = "local"
 
 
 class LocalAnswer(NamedTuple):
-    """A response we give ourselves, no redirect to a registry."""
+    """A response we give ourselves, as data: each HTTP engine renders it.
+
+    `headers` are extra response headers (name, value) beyond Location,
+    Content-Type and Content-Length; the engines add the wire-level ones
+    (Date, Connection) themselves.
+    """
 
     status: int
     body: bytes = b""
     location: str | None = None
     content_type: str | None = None
     code: str = ""  # the OCI error code, for logs
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Route(NamedTuple):
@@ -114,7 +120,9 @@ def oci_error(status: int, code: str, message: str) -> LocalAnswer:
     return LocalAnswer(status, body, content_type="application/json", code=code)
 
 
-METHOD_NOT_ALLOWED = oci_error(405, "UNSUPPORTED", "only GET and HEAD are supported")
+METHOD_NOT_ALLOWED = oci_error(405, "UNSUPPORTED", "only GET and HEAD are supported")._replace(
+    headers=(("Allow", "GET, HEAD"),)
+)
 CATALOG = oci_error(404, "UNSUPPORTED", "the catalog API is not supported")
 NOT_FOUND = oci_error(404, "NOT_FOUND", "no such path")
 NAME_INVALID = oci_error(400, "NAME_INVALID", "invalid repository name or path")
@@ -123,7 +131,10 @@ DIGEST_INVALID = oci_error(400, "DIGEST_INVALID", "invalid digest")
 CLIENT_IP_INVALID = oci_error(400, "UNSUPPORTED", "cannot determine the client address")
 # Returning 200 here keeps clients from asking for a token: the registry is
 # anonymous, and auth happens (if ever) at the upstream.
-V2_ROOT = LocalAnswer(200, b"{}", content_type="application/json")
+V2_ROOT = LocalAnswer(
+    200, b"{}", content_type="application/json",
+    headers=(("Docker-Distribution-Api-Version", "registry/2.0"),),
+)
 
 
 def clean_query(query: str) -> str:

@@ -62,14 +62,15 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{port}"
 
     @property
-    def frontend(self) -> Any:
-        return self.server.frontend
+    def flow(self) -> Any:
+        return self.server.flow
 
 
 @pytest.fixture
 async def start_server() -> AsyncIterator[Callable[..., Any]]:
     """Start the real server in this event loop with the given settings."""
-    from archeio.server import Server, bind
+    from archeio.server import Server
+    from archeio.sockets import bind
 
     running: list[RunningServer] = []
 
@@ -79,7 +80,7 @@ async def start_server() -> AsyncIterator[Callable[..., Any]]:
         port = sock.getsockname()[1]
         task = asyncio.create_task(server.run(sock=sock))
         for _ in range(500):
-            if server.frontend is not None and server.port is not None:
+            if server.flow is not None and server.port is not None:
                 break
             if task.done():
                 task.result()

@@ -110,8 +110,8 @@ async def test_check_started_after_another_head_finished_reuses_its_answer(tmp_p
     # check must use that answer, not send a second HEAD (the flood above
     # found this as 2 HEADs for a few digests).
     async with server_with_mirror(tmp_path) as (server, mirror):
-        assert server.frontend is not None
-        cache = server.frontend.cache
+        assert server.flow is not None
+        cache = server.flow.cache
         assert cache.cached(mirror.url, digest(1)) is None
         assert await cache.check(mirror.url, digest(1)) is False  # the other request's HEAD
         assert await cache.check(mirror.url, digest(1)) is False  # this request's check
@@ -135,8 +135,8 @@ async def test_concurrent_heads_are_capped_and_excess_requests_go_upstream_at_on
         assert mirror.max_in_flight == 4
         early = [t.result() for t in tasks if t.done()]
         assert all((r.header("Location") or "").startswith(f"{UPSTREAM}/v2/") for r in early)
-        assert server.frontend is not None
-        assert server.frontend.cache.outcomes[OVER_CAPACITY] == 36
+        assert server.flow is not None
+        assert server.flow.cache.outcomes[OVER_CAPACITY] == 36
         mirror.release()
         late = await asyncio.gather(*(t for t in tasks if not t.done()))
         assert all(f"{mirror.url}/containers/images/" in (r.header("Location") or "") for r in late)
@@ -179,8 +179,9 @@ async def test_idle_and_slowloris_connections_do_not_block_new_clients(tmp_path:
         held = (await open_slow_connections(port, 150, b"")
                 + await open_slow_connections(port, 150, SLOWLORIS_HEADERS)
                 + await open_slow_connections(port, 150, SLOW_BODY))
-        assert server.connections is not None
-        await wait_until(lambda: len(server.connections.open) >= 450, "the server to hold 450 connections")
+        assert server.engine is not None
+        tracker = server.engine.tracker
+        await wait_until(lambda: len(tracker.open) >= 450, "the server to hold 450 connections")
         response = await fetch(port, "/v2/pause/manifests/latest")
         assert response.status == 307
         response = await fetch(port, blob_path(digest(1)), xff(AWS_EU_WEST_3))
@@ -204,7 +205,7 @@ async def test_header_deadline_closes_slow_connections(tmp_path: Path, prefix: b
                 await client.send(b"a")
         results = await asyncio.gather(*(closed_by_server(c) for c in clients))
         assert all(results)
-        assert server.connections is not None and not server.connections.open
+        assert server.engine is not None and not server.engine.tracker.open
         for client in clients:
             await client.close()
 

@@ -63,8 +63,8 @@ class World:
 
     @property
     def cache(self) -> BlobExistenceCache:
-        assert self.server.frontend is not None
-        return self.server.frontend.cache
+        assert self.server.flow is not None
+        return self.server.flow.cache
 
     def breaker_state(self) -> str:
         breaker = self.cache.breakers.get(self.mirror.url)

@@ -1,7 +1,7 @@
 """Property tests: for any request, a defined answer and only configured redirects.
 
 Two levels, the same strategies:
-- the pure decision (`Router.classify`/`decide`, `Frontend.respond`, the
+- the pure decision (`Router.classify`/`decide`, `RequestFlow.respond`, the
   range index and the X-Forwarded-For rule), cheap enough for many
   thousands of examples;
 - real HTTP against an `archeio serve` process, raw bytes over a socket,
@@ -28,7 +28,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from archeio.app import Frontend
+from archeio.app import PendingCheck, RequestFlow
+from archeio.http.httptools_impl import KEEP, Wire
 from archeio.clientip import client_ip
 from archeio.config import Settings
 from archeio.routing import LocalAnswer, Route, Router
@@ -180,19 +181,22 @@ def test_router_answers_defined_status_and_redirects_only_to_configured_bases(
 @_fuzz_pure
 @given(method=method, path=path, query=query, forwarded=forwarded,
        peer=st.sampled_from([None, "127.0.0.1", AWS_EU_WEST_3, "::1"]), found=st.booleans())
-def test_frontend_response_bytes_are_well_framed_for_any_request(
+def test_flow_decision_renders_as_well_framed_response_for_any_request(
     configured: Settings, index: CloudIndex, method: str, path: str, query: str,
     forwarded: str | None, peer: str | None, found: bool,
 ) -> None:
     # The whole synchronous flow, X-Forwarded-For included, without sockets;
     # a blob needing a check is finished with either existence answer.
-    frontend = Frontend(configured, index, make_cache(configured))
-    result = frontend.respond(method, path, query, forwarded, peer, keep_alive=True)
-    if not isinstance(result, bytes):
-        route, placement, _mirror = result
-        decision = frontend.router.decide(route, query, placement, found)
-        result = frontend.redirect(decision.location, keep_alive=True)
-    response, rest = parse_response(result, head=method == "HEAD")
+    flow = RequestFlow(configured, index, make_cache(configured))
+    outcome = flow.respond(method, path, query, forwarded, peer)
+    if isinstance(outcome, PendingCheck):
+        outcome = flow.router.decide(outcome.route, query, outcome.placement, found)
+    wire = Wire()
+    if isinstance(outcome, LocalAnswer):
+        rendered = wire.answer(outcome, method == "HEAD", KEEP)
+    else:
+        rendered = wire.redirect(outcome.location, KEEP)
+    response, rest = parse_response(rendered, head=method == "HEAD")
     assert rest == b"" or method == "HEAD"
     assert response.status in DEFINED_STATUSES
     location = response.header("Location")
