@@ -19,14 +19,13 @@ import contextlib
 import random
 import socket
 import tracemalloc
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from archeio.existence import OVER_CAPACITY
-from archeio.server import Server
 
+from . import engines
 from .reliability_support import (
     AWS_EU_WEST_3,
     GATE,
@@ -34,36 +33,23 @@ from .reliability_support import (
     REGISTRY_PATH,
     UPSTREAM,
     AsyncClient,
-    FakeMirror,
     RawResponse,
     ServerProcess,
     blob_path,
+    closed_by_server,
     digest,
     fetch,
     mirror_in_thread,
-    running_server,
+    port_of,
     server_env,
+    server_with_mirror,
     settings_from,
     wait_until,
     xff,
 )
 
-
-@contextlib.asynccontextmanager
-async def server_with_mirror(tmp_path: Path, **env: str) -> AsyncIterator[tuple[Server, FakeMirror]]:
-    mirror = FakeMirror()
-    await mirror.start()
-    settings = settings_from(server_env(mirror.url, mirror.url.replace("/bucket", "/cdn"), tmp_path, **env))
-    try:
-        async with running_server(settings) as server:
-            yield server, mirror
-    finally:
-        await mirror.close()
-
-
-def port_of(server: Server) -> int:
-    assert server.port is not None
-    return server.port
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
 
 
 def upstream_blob(n: int) -> str:
@@ -152,19 +138,6 @@ async def open_slow_connections(port: int, count: int, prefix: bytes) -> list[As
         if prefix:
             await client.send(prefix)
     return clients
-
-
-async def closed_by_server(client: AsyncClient) -> bool:
-    """True once the server has closed this connection (EOF or reset); False if it never does."""
-    try:
-        async with asyncio.timeout(30):
-            while await client.reader.read(65536):
-                pass
-    except ConnectionError:
-        return True  # a reset is a close too
-    except TimeoutError:
-        return False
-    return True
 
 
 SLOWLORIS_HEADERS = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: "
@@ -267,8 +240,8 @@ async def test_oversized_input_is_refused_before_it_ends(
         # The server decided at its limit, long before the input ended: it
         # cannot have buffered what was never sent.
         assert sent < STREAM_TOTAL
-        assert response is not None and response.status == status
-        assert response.header("Connection") == "close"
+        assert response is not None and response.status == engines.refusal(status)
+        assert response.announces_close
 
 
 # -- memory ------------------------------------------------------------------------

@@ -48,6 +48,9 @@ from .reliability_support import (
     xff,
 )
 
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
+
 BREAKER_FAILURES = 3
 
 

@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from archeio.app import PendingCheck, RequestFlow
-from archeio.http.httptools_impl import KEEP, Wire
 from archeio.clientip import client_ip
 from archeio.config import Settings
+from archeio.http.httptools_impl import KEEP, Wire
 from archeio.routing import LocalAnswer, Route, Router
 from archeio.server import make_cache
 from iprange import AWS, GCP, CloudIndex, InvalidAddress, Placement, load_index
@@ -229,7 +229,7 @@ def test_client_ip_is_an_entry_never_invented(value: str | None, hops: int) -> N
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Settings]]:
+def served(engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Settings]]:
     with served_process(Path(tmp_path_factory.mktemp("http"))) as (server, configured, mirror):
         mirror.present.add(PRESENT_DIGEST)
         yield server, configured

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from archeio.metrics import CHECK_BUCKETS, Snapshot, render, retire
@@ -35,6 +34,9 @@ from .ops_support import (
     write_mirrors,
     xff,
 )
+
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
 
 # -- the collector, on plain snapshots ------------------------------------------
 
@@ -110,7 +112,9 @@ def bucket() -> Iterator[ThreadedBucket]:
 
 
 @pytest.fixture(scope="module")
-def two_workers(bucket: ThreadedBucket, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArcheioProcess]:
+def two_workers(
+    engine: str, bucket: ThreadedBucket, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ArcheioProcess]:
     tmp = tmp_path_factory.mktemp("metrics")
     mirrors = write_mirrors(tmp / "mirrors.toml", {"eu-west-3": bucket.base("euw3")})
     env = {

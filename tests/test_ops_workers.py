@@ -14,8 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ranges_dir
 from .ops_support import ArcheioProcess, http_get, scrape, total, wait_for
+
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
 
 
 def _worker_pids(server: ArcheioProcess) -> list[int]:

@@ -54,5 +54,6 @@ def test_wheel_ships_every_package_and_the_mirror_table(tmp_path) -> None:  # ty
     )
     (wheel,) = tmp_path.glob("archeio-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for source in [*root.glob("archeio/**/*.py"), *root.glob("iprange/**/*.py"), root / "archeio/data/aws-mirrors.toml"]:
+    sources = [*root.glob("archeio/**/*.py"), *root.glob("iprange/**/*.py"), root / "archeio/data/aws-mirrors.toml"]
+    for source in sources:
         assert str(source.relative_to(root)) in names

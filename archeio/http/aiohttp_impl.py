@@ -20,6 +20,9 @@ to aiohttp's own connection handler and reports its state to the same
 state changes come from the transport (data arrives), our handler (a
 request is accepted) and aiohttp's access-logger hook, which it calls once
 per response sent, refusals included; that hook also counts the refusals.
+The wrapper also hands aiohttp pipelined input one request head at a time,
+so that a malformed request cannot cost the valid ones before it their
+answers (see `_TrackedConnection.data_received`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("archeio.http")
 
 # Marks a request that reached our handler (aiohttp's refusals never do).
-_ROUTED = "archeio.routed"
+_ROUTED = web.RequestKey("archeio_routed", bool)
 # aiohttp limits the whole request line; ours is the target. Room for the
 # longest method and " HTTP/1.1".
 _REQUEST_LINE_EXTRA = 32
@@ -75,7 +78,21 @@ class _TrackedConnection(asyncio.Protocol):
             self.engine.tracker.reading(self)
         elif self.state == BUSY:
             self.more = True
-        self.inner.data_received(data)
+        # aiohttp parses a whole read at once and, if any of it is malformed,
+        # replaces every request parsed from that read with its one 400:
+        # valid requests before the bad one would lose their answers. Handed
+        # one request head at a time (as a slow network could), it queues
+        # each valid request before it meets the bad one.
+        end = data.find(b"\r\n\r\n") + 4
+        if 3 < end < len(data):
+            inner = self.inner
+            start = 0
+            while 3 < end < len(data):
+                inner.data_received(data[start:end])
+                start, end = end, data.find(b"\r\n\r\n", end) + 4
+            inner.data_received(data[start:])
+        else:
+            self.inner.data_received(data)
 
     def eof_received(self) -> None:
         self.inner.eof_received()
@@ -136,6 +153,9 @@ class AiohttpEngine:
         )
         # aiohttp's connection handler -> our wrapper of it.
         self.connections: dict[Any, _TrackedConnection] = {}
+        # Handlers waiting for an existence check: shutdown waits for them
+        # even when their client has gone (aiohttp then forgets them).
+        self._checks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, sock: Any) -> None:
@@ -164,15 +184,19 @@ class AiohttpEngine:
             trace.encode("utf-8", "surrogateescape") if trace else None,
         )
         if type(outcome) is Decision:
-            return web.Response(status=307, headers={"Location": outcome.location})
+            return _redirect(outcome.location)
         if type(outcome) is LocalAnswer:
             return _local_response(outcome)
+        task = asyncio.current_task()
+        assert task is not None
+        self._checks.add(task)
         self.tracker.awaiting_check += 1
         try:
             decision = await self.flow.respond_after_check(outcome)  # type: ignore[arg-type]
         finally:
             self.tracker.awaiting_check -= 1
-        return web.Response(status=307, headers={"Location": decision.location})
+            self._checks.discard(task)
+        return _redirect(decision.location)
 
     def response_sent(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         if request.get(_ROUTED) is None:
@@ -193,14 +217,23 @@ class AiohttpEngine:
         tracker = self.tracker
         tracker.close_idle()
         deadline = self.loop.time() + grace
-        while tracker.open and self.loop.time() < deadline:
+        while (tracker.open or self._checks) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         await self.server.shutdown(max(0.0, deadline - self.loop.time()))
         tracker.close_all("grace period over")
+        for task in list(self._checks):
+            task.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
+
+
+def _redirect(location: str) -> web.Response:
+    # Content-Length said explicitly: aiohttp leaves it out of a bodiless HEAD answer.
+    return web.Response(status=307, headers={"Location": location, "Content-Length": "0"})
 
 
 def _local_response(answer: LocalAnswer) -> web.Response:
     headers: dict[str, str] = dict(answer.headers)
+    headers["Content-Length"] = str(len(answer.body))
     if answer.location is not None:
         headers["Location"] = answer.location
     if answer.content_type is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ..engines import ENGINES
 from . import images, services
 from .images import Image, Layout, Platform
 from .places import Places
@@ -106,11 +107,12 @@ def catalog(workdir: Path, registry: Registry, signature_registry: Registry, s3:
     return catalog
 
 
-@pytest.fixture(scope="session")
-def archeio(workdir: Path, registry: Registry, signature_registry: Registry, s3: S3Server,
-            catalog: Catalog) -> Iterator[Archeio]:
-    settings = archeio_settings(workdir, registry, signature_registry, s3)
-    with services.archeio_server(workdir, settings) as running:
+@pytest.fixture(scope="session", params=ENGINES)
+def archeio(request: pytest.FixtureRequest, workdir: Path, registry: Registry, signature_registry: Registry,
+            s3: S3Server, catalog: Catalog) -> Iterator[Archeio]:
+    """`archeio serve` in front of the registries, once per HTTP engine: every pull test runs on both."""
+    settings = {**archeio_settings(workdir, registry, signature_registry, s3), "ARCHEIO_HTTP": request.param}
+    with services.archeio_server(workdir, settings, name=f"archeio-{request.param}") as running:
         yield running
 
 
