@@ -11,7 +11,9 @@ then whole on the other.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 from archeio.http import ENGINES as _ENGINES
 
@@ -57,3 +59,13 @@ def status_line() -> re.Pattern[bytes]:
     if current() == "aiohttp":
         return re.compile(rb"HTTP/(?:1\.[01]|0\.9) (\d{3}) [^\x00-\x1f]*")
     return re.compile(rb"HTTP/1\.1 (\d{3}) [^\x00-\x1f]*")
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[str]:
+    """The current engine is `name` inside the block (for tests that talk to both)."""
+    previous = select(name)
+    try:
+        yield name
+    finally:
+        select(previous)
