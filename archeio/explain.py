@@ -267,10 +267,10 @@ async def explain(
     address, placement = looked_up
     if address != result.client.address:
         result.notes.append(f"port or brackets dropped: looked up as {address}")
-    if ":" in address and placement is not None and "." in (index.lookup_prefix(address) or ("", ""))[0]:
-        result.notes.append("an IPv4-mapped IPv6 address (dual-stack listener): looked up as IPv4")
     if placement is not None:
         result.placement = _where(settings, index, address, placement)
+        if ":" in address and "." in result.placement.prefix:
+            result.notes.append("an IPv4-mapped IPv6 address (dual-stack listener): looked up as IPv4")
     mirror = router.mirror_for(placement)
     result.mirror = MirrorChoice(mirror, _mirror_reason(settings, placement, mirror))
     found: bool | None = False
