@@ -194,9 +194,18 @@ async def test_sha512_blob_is_checked_and_mirrored(serve: Any, bucket: Any) -> N
     assert location == f"{bucket.base('eu')}/containers/images/{digest}"
 
 
-async def test_malformed_digest_never_triggers_head(serve: Any, bucket: Any) -> None:
+async def test_malformed_digest_is_refused_without_a_head(serve: Any, bucket: Any) -> None:
     server = await serve()
     digest = "sha256:" + "A" * 64
+    status, location, _, body = await fetch(server, f"/v2/pause/blobs/{digest}", headers=lb(AWS_EU_WEST_3))
+    assert (status, location) == (400, None)
+    assert json.loads(body)["errors"][0]["code"] == "DIGEST_INVALID"
+    assert sum(bucket.heads.values()) == 0
+
+
+async def test_digest_of_an_unknown_algorithm_goes_upstream_without_a_head(serve: Any, bucket: Any) -> None:
+    server = await serve()
+    digest = "blake3:" + "a" * 64
     _, location, _, _ = await fetch(server, f"/v2/pause/blobs/{digest}", headers=lb(AWS_EU_WEST_3))
     assert location == UP + f"pause/blobs/{digest}"
     assert sum(bucket.heads.values()) == 0

@@ -7,6 +7,10 @@ separate signature registry), one moto S3 server holding three buckets
 then starts `archeio serve` and an nginx with one listener per simulated
 client. Everything is stopped by PID when the session ends.
 
+For pagination, `paged` puts a paginating front (paging_registry.py, the
+one sanctioned fake) before each registry and a second `archeio serve`
+before those, and adds artifacts referring to alpha for the referrers API.
+
 A missing program fails the tests with a message naming the package to
 install; these tests never skip.
 """
@@ -29,8 +33,10 @@ from .topology import (
     BUCKET_REGION_TWO,
     CLIENTS,
     PAGINATED_TAGS,
+    REFERRER_TYPES,
     UPSTREAM_PATH,
     Catalog,
+    PagedWorld,
     archeio_settings,
 )
 
@@ -126,3 +132,28 @@ def proxy(workdir: Path, archeio: Archeio) -> Iterator[Proxy]:
 @pytest.fixture(scope="session")
 def places(registry: Registry, s3: S3Server) -> Places:
     return Places(registry, s3)
+
+
+@pytest.fixture(scope="session")
+def paged(workdir: Path, registry: Registry, signature_registry: Registry, s3: S3Server,
+          catalog: Catalog) -> Iterator[PagedWorld]:
+    """An archeio whose upstreams page tag lists and referrers in twos."""
+    repository = f"{UPSTREAM_PATH}/{catalog.alpha.name}"
+    artifacts = tuple(
+        images.referrer(f"alpha-artifact-{i}", catalog.alpha, artifact_type)
+        for i, artifact_type in enumerate(REFERRER_TYPES)
+    )
+    for artifact in artifacts:
+        images.push_over_http(signature_registry.url, repository, artifact.digest, artifact)
+    index = images.referrers_index(artifacts)
+    images.push_over_http(signature_registry.url, repository, catalog.alpha.digest.replace(":", "-"), index)
+    with (
+        services.paging_registry(workdir, registry, "paging") as upstream,
+        services.paging_registry(workdir, signature_registry, "paging-signatures") as signatures,
+    ):
+        settings = archeio_settings(
+            workdir, registry, signature_registry, s3,
+            UPSTREAM_REGISTRY_ENDPOINT=upstream.url, SIGNATURE_UPSTREAM_ENDPOINT=signatures.url,
+        )
+        with services.archeio_server(workdir, settings, name="archeio-paged") as archeio:
+            yield PagedWorld(archeio, upstream, signatures, artifacts)
