@@ -16,8 +16,13 @@ from __future__ import annotations
 
 
 def forwarded_entries(forwarded: str) -> list[str]:
-    """The entries of an X-Forwarded-For value, split on commas and spaces."""
-    return forwarded.replace(",", " ").split()
+    """The entries of an X-Forwarded-For value, split on commas, spaces and tabs.
+
+    Only those: HTTP's optional whitespace is space and tab. `str.split()`
+    would also split on characters such as U+00A0, which a client can put in
+    the header to hide an entry from us that an HTTP parser keeps.
+    """
+    return [entry for entry in forwarded.replace(",", " ").replace("\t", " ").split(" ") if entry]
 
 
 def client_entry(entries: list[str], trusted_hops: int) -> int | None:

@@ -65,7 +65,7 @@ def known_difference(raw: bytes, lean: Answer, other: Answer) -> str | None:
         return "request-line-limit"
     if lean[0] == 431 and other[0] in (200, 307, 400):
         return "header-size-limit"
-    if statuses == (404, 400) and rest.startswith(b"*") and method != b"OPTIONS":
+    if other[0] == 400 and lean[0] in (404, 405) and rest.startswith(b"*") and method != b"OPTIONS":
         return "asterisk-form"
     if statuses == (405, 400) and method == b"CONNECT":
         return "connect-target"

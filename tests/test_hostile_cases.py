@@ -173,6 +173,10 @@ CASES: dict[str, Case] = {
     "xff-space-separated": Case(get(blob(), forwarded(f"{AWS_EU_WEST_3} {LOAD_BALANCER}")), 307, MIRROR + HELD),
     "xff-cidr-refused": Case(get(blob(), forwarded(xff("35.180.1.1/8"))), 400),
     "xff-non-ascii-refused": Case(get(blob(), forwarded(xff("\xff\xfe"))), 400),
+    # Only space and tab separate entries: a no-break space is part of one.
+    "xff-no-break-space-is-not-a-separator": Case(
+        get(blob(), forwarded(f"{AWS_EU_WEST_3}, \xa0, {LOAD_BALANCER}")), 400
+    ),
     "xff-split-over-two-headers": Case(
         get(blob(), forwarded(AWS_EU_WEST_3), forwarded(LOAD_BALANCER)), 307, MIRROR + HELD
     ),

@@ -62,7 +62,8 @@ def expected_location(row: Row, path: str) -> str:
 
 
 @pytest.fixture
-async def server(start_server: Any, bucket: Any) -> Any:
+async def server(engine: str, start_server: Any, bucket: Any) -> Any:
+    """A running server on each HTTP engine in turn (tests/engines.py)."""
     bucket.add("cdn", LAYER)
     settings = make_settings(
         PORT="0", ARCHEIO_HOST="127.0.0.1",

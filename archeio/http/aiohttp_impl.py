@@ -175,12 +175,15 @@ class AiohttpEngine:
             target = target.encode("utf-8", "surrogateescape").decode("latin-1")
         path, _, query = target.partition("?")
         headers = request.headers
-        forwarded = headers.getall("X-Forwarded-For", None)
+        lines = headers.getall("X-Forwarded-For", None)
+        forwarded = None
+        if lines:
+            forwarded = ",".join(lines)
+            if not forwarded.isascii():  # as the target: raw bytes as latin-1 characters
+                forwarded = forwarded.encode("utf-8", "surrogateescape").decode("latin-1")
         trace = headers.get("X-Cloud-Trace-Context")
         outcome = self.flow.respond(
-            request.method, path, query,
-            ",".join(forwarded) if forwarded else None,
-            request.remote,
+            request.method, path, query, forwarded, request.remote,
             trace.encode("utf-8", "surrogateescape") if trace else None,
         )
         if type(outcome) is Decision:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,9 +136,9 @@ def places(registry: Registry, s3: S3Server) -> Places:
 
 
 @pytest.fixture(scope="session")
-def paged(workdir: Path, registry: Registry, signature_registry: Registry, s3: S3Server,
-          catalog: Catalog) -> Iterator[PagedWorld]:
-    """An archeio whose upstreams page tag lists and referrers in twos."""
+def paging_upstreams(workdir: Path, registry: Registry, signature_registry: Registry,
+                     catalog: Catalog) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
+    """Upstreams that page tag lists and referrers in twos, and the referrers they hold."""
     repository = f"{UPSTREAM_PATH}/{catalog.alpha.name}"
     artifacts = tuple(
         images.referrer(f"alpha-artifact-{i}", catalog.alpha, artifact_type)
@@ -151,9 +152,18 @@ def paged(workdir: Path, registry: Registry, signature_registry: Registry, s3: S
         services.paging_registry(workdir, registry, "paging") as upstream,
         services.paging_registry(workdir, signature_registry, "paging-signatures") as signatures,
     ):
-        settings = archeio_settings(
-            workdir, registry, signature_registry, s3,
-            UPSTREAM_REGISTRY_ENDPOINT=upstream.url, SIGNATURE_UPSTREAM_ENDPOINT=signatures.url,
-        )
-        with services.archeio_server(workdir, settings, name="archeio-paged") as archeio:
-            yield PagedWorld(archeio, upstream, signatures, artifacts)
+        yield upstream, signatures, artifacts
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def paged(request: pytest.FixtureRequest, workdir: Path, registry: Registry, signature_registry: Registry,
+          s3: S3Server, paging_upstreams: tuple[Any, Any, tuple[Any, ...]]) -> Iterator[PagedWorld]:
+    """An archeio, on each HTTP engine in turn, whose upstreams page in twos."""
+    upstream, signatures, artifacts = paging_upstreams
+    settings = archeio_settings(
+        workdir, registry, signature_registry, s3,
+        UPSTREAM_REGISTRY_ENDPOINT=upstream.url, SIGNATURE_UPSTREAM_ENDPOINT=signatures.url,
+        ARCHEIO_HTTP=request.param,
+    )
+    with services.archeio_server(workdir, settings, name=f"archeio-paged-{request.param}") as archeio:
+        yield PagedWorld(archeio, upstream, signatures, artifacts)

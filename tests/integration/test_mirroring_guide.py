@@ -229,7 +229,9 @@ def test_containerd_hosts_toml_of_the_guide_pulls_from_the_mirror(
         _config_block("containerd hosts.toml", paged.archeio.host, mirror.host))
     image = pushed.by_reference["pause:3.10"]
     mirror_mark, upstream_mark = mirror.log.mark(), paged.upstream.log.mark()
-    with services.containerd_daemon(workdir, "containerd-guide") as containerd:
+    # A daemon of its own per archeio: an empty content store, so the pull is a real one.
+    name = "containerd-guide-" + paged.archeio.host.rsplit(":", 1)[1]
+    with services.containerd_daemon(workdir, name) as containerd:
         pulled = containerd.ctr("images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native",
                                 f"{paged.archeio.host}/pause:3.10", timeout=120)
         assert pulled.returncode == 0, pulled.stderr
