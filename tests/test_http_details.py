@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,3 +233,25 @@ async def test_no_task_of_the_server_outlives_it_when_the_grace_period_ends_mid_
         if client is not None:
             await client.close()
         await mirror.close()
+
+
+async def test_aiohttp_engine_handler_answers_through_pytest_aiohttp_fixtures(
+    aiohttp_raw_server: Any, aiohttp_client: Any, tmp_path: Path,
+) -> None:
+    # The aiohttp engine's handler on pytest-aiohttp's own raw server: the
+    # flow's decisions as aiohttp renders them, without our connection wrapper.
+    from archeio.app import RequestFlow
+    from archeio.http.aiohttp_impl import AiohttpEngine
+    from archeio.server import make_cache
+    from iprange import load_index
+
+    settings = settings_from(server_env("http://127.0.0.1:1/bucket", "http://127.0.0.1:1/cdn", tmp_path))
+    flow = RequestFlow(settings, load_index(settings.ranges_dir), make_cache(settings))
+    handler = AiohttpEngine(flow, settings, asyncio.get_running_loop())._handle
+    client = await aiohttp_client(await aiohttp_raw_server(handler))
+    manifest = await client.get("/v2/pause/manifests/1", allow_redirects=False)
+    assert (manifest.status, manifest.headers["Location"]) == (307, f"{UPSTREAM}/v2/{REGISTRY_PATH}/pause/manifests/1")
+    root = await client.head("/v2/")
+    assert root.status == 200 and root.headers["Content-Length"] == "2"
+    refused = await client.get("/v2/_catalog")
+    assert refused.status == 404 and (await refused.json())["errors"][0]["code"] == "UNSUPPORTED"
