@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections import Counter
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from iprange import CloudIndex, InvalidAddress, Placement
 
@@ -36,6 +36,7 @@ from .routing import (
     BLOB,
     CLIENT_IP_INVALID,
     LOCAL,
+    MIRROR,
     Decision,
     LocalAnswer,
     Route,
@@ -49,6 +50,8 @@ access_log = logging.getLogger("archeio.access")
 # malformed request, a request line or headers over their limits): the
 # `kind` label of their metrics.
 HTTP = "http"
+
+_BLOB_TO_MIRROR = (BLOB, MIRROR, 307)
 
 # What an access log line needs beyond the decision: (start time, X-Forwarded-For,
 # peer address, X-Cloud-Trace-Context); only built for sampled requests.
@@ -85,8 +88,12 @@ class RequestFlow:
         self._access_sample = settings.access_log
         # (route kind, decision backend, status) -> count; read by metrics.
         self.requests: Counter[tuple[str, str, int]] = Counter()
-        # (cloud, region or "", backend) -> count of blob decisions.
-        self.blob_decisions: Counter[tuple[str, str, str]] = Counter()
+        # placement (None: in no range) -> backend -> count of blob decisions.
+        self._blob_counts: dict[Placement | None, Counter[str]] = {}
+        # Bound methods of the hot path, looked up once.
+        self._classify = self.router.classify
+        self._mirror_for = self.router.mirror_for
+        self._cached = cache.cached
 
     def swap_index(self, index: CloudIndex) -> None:
         """Replace the range index whole: requests see the old or the new one."""
@@ -103,7 +110,10 @@ class RequestFlow:
         return [[k, b, s, n] for (k, b, s), n in self.requests.items()]
 
     def blob_rows(self) -> list[list[object]]:
-        return [[c, r, b, n] for (c, r, b), n in self.blob_decisions.items()]
+        return [
+            [placement.cloud if placement else "", placement.region if placement else "", backend, n]
+            for placement, counts in self._blob_counts.items() for backend, n in counts.items()
+        ]
 
     # -- the flow -------------------------------------------------------------
 
@@ -117,47 +127,89 @@ class RequestFlow:
         '?', bytes as latin-1 characters; `forwarded` is every
         X-Forwarded-For line joined in order with commas.
         """
-        request = (time.perf_counter(), forwarded, peer, trace) if self._access_sample else None
-        route = self.router.classify(method, path)
-        if type(route) is LocalAnswer:
-            self.requests[("other", LOCAL, route.status)] += 1
-            if request is not None:
-                self._log(method, path, query, route.status, "other", LOCAL, None, None, request)
-            return route
-        assert isinstance(route, Route)
-        if route.kind != BLOB or route.digest is None:
-            decision = self.router.upstream_location(route, query)
-            return self._redirect(method, path, query, route, decision, None, request)
+        route = self._classify(method, path)
+        if type(route) is not Route:
+            return self._local(route, method, path, query, forwarded, peer, trace)  # type: ignore[arg-type]
+        digest = route.digest
+        if digest is None:  # anything but a blob we could find in a mirror
+            decision = route.plain if not query else self.router.upstream_location(route, query)
+            self.requests[route.counted] += 1
+            if self._access_sample:
+                self._log(method, path, query, 307, route.kind, decision.backend, None, decision.location,
+                          (time.perf_counter(), forwarded, peer, trace))
+            return decision
 
         address = client_ip(forwarded, peer, self._trusted_hops) if self._use_forwarded else peer
         placement = self._placement(address) if address else False
-        if placement is False:
-            self.requests[(BLOB, LOCAL, 400)] += 1
-            if request is not None:
-                self._log(method, path, query, 400, BLOB, LOCAL, None, None, request)
-            return CLIENT_IP_INVALID
-        assert placement is not True
-        mirror = self.router.mirror_for(placement)
-        if mirror is None:
-            found: bool | None = False
-        else:
-            found = self.cache.cached(mirror, route.digest)
+        if placement is False:  # no usable client address
+            return self._local(CLIENT_IP_INVALID, method, path, query, forwarded, peer, trace, BLOB)
+        mirror = self._mirror_for(placement)
+        if mirror is not None:
+            found = self._cached(mirror, digest)
             if found is None:
+                request = (time.perf_counter(), forwarded, peer, trace) if self._access_sample else None
                 return PendingCheck(method, path, query, route, placement, mirror, request)
-        decision = self.router.decide(route, query, placement, found)
-        return self._redirect(method, path, query, route, decision, placement, request)
+            if found:
+                return self._to_mirror(method, path, query, route, mirror, placement, forwarded, peer, trace)
+        return self._to_upstream(method, path, query, route, placement, forwarded, peer, trace)
 
     async def respond_after_check(self, pending: PendingCheck) -> Decision:
         """The blob's decision once the mirror has been asked."""
-        route = pending.route
+        route, mirror, placement = pending.route, pending.mirror, pending.placement
         assert route.digest is not None
-        found = await self.cache.check(pending.mirror, route.digest)
-        decision = self.router.decide(route, pending.query, pending.placement, found)
-        return self._redirect(
-            pending.method, pending.path, pending.query, route, decision, pending.placement, pending.request
-        )
+        if await self.cache.check(mirror, route.digest):
+            decision = self.router.mirror_decision(route, mirror)
+            self.requests[_BLOB_TO_MIRROR] += 1
+        else:
+            decision = route.plain if not pending.query else self.router.upstream_location(route, pending.query)
+            self.requests[route.counted] += 1
+        self._count_blob(placement, decision.backend)
+        if pending.request is not None:
+            self._log(pending.method, pending.path, pending.query, 307, BLOB, decision.backend, placement,
+                      decision.location, pending.request)
+        return decision
 
-    def _placement(self, address: str) -> Placement | None | bool:
+    def _to_mirror(
+        self, method: str, path: str, query: str, route: Route, mirror: str, placement: Placement | None,
+        forwarded: str | None, peer: str | None, trace: bytes | None,
+    ) -> Decision:
+        decision = route.at_mirror.get(mirror) or self.router.mirror_decision(route, mirror)
+        self.requests[_BLOB_TO_MIRROR] += 1
+        self._count_blob(placement, MIRROR)
+        if self._access_sample:
+            self._log(method, path, query, 307, BLOB, MIRROR, placement, decision.location,
+                      (time.perf_counter(), forwarded, peer, trace))
+        return decision
+
+    def _to_upstream(
+        self, method: str, path: str, query: str, route: Route, placement: Placement | None,
+        forwarded: str | None, peer: str | None, trace: bytes | None,
+    ) -> Decision:
+        decision = route.plain if not query else self.router.upstream_location(route, query)
+        self.requests[route.counted] += 1
+        self._count_blob(placement, decision.backend)
+        if self._access_sample:
+            self._log(method, path, query, 307, BLOB, decision.backend, placement, decision.location,
+                      (time.perf_counter(), forwarded, peer, trace))
+        return decision
+
+    def _local(
+        self, answer: LocalAnswer, method: str, path: str, query: str, forwarded: str | None,
+        peer: str | None, trace: bytes | None, kind: str = "other",
+    ) -> LocalAnswer:
+        self.requests[(kind, LOCAL, answer.status)] += 1
+        if self._access_sample:
+            self._log(method, path, query, answer.status, kind, LOCAL, None, None,
+                      (time.perf_counter(), forwarded, peer, trace))
+        return answer
+
+    def _count_blob(self, placement: Placement | None, backend: str) -> None:
+        counts = self._blob_counts.get(placement)
+        if counts is None:
+            counts = self._blob_counts[placement] = Counter()
+        counts[backend] += 1
+
+    def _placement(self, address: str) -> Placement | None | Literal[False]:
         """The client's placement; False if the address is not an address."""
         try:
             return self.index.lookup(address)
@@ -171,21 +223,6 @@ class RequestFlow:
             except InvalidAddress:
                 pass
         return False
-
-    def _redirect(
-        self, method: str, path: str, query: str, route: Route, decision: Decision,
-        placement: Placement | None, request: AccessContext | None,
-    ) -> Decision:
-        self.requests[(route.kind, decision.backend, 307)] += 1
-        if route.kind == BLOB:
-            if placement is None:
-                self.blob_decisions[("", "", decision.backend)] += 1
-            else:
-                self.blob_decisions[(placement.cloud, placement.region, decision.backend)] += 1
-        if request is not None:
-            self._log(method, path, query, 307, route.kind, decision.backend, placement, decision.location,
-                      request)
-        return decision
 
     def _log(
         self, method: str, path: str, query: str, status: int, kind: str, backend: str,

@@ -25,6 +25,22 @@ def forwarded_entries(forwarded: str) -> list[str]:
     return [entry for entry in forwarded.replace(",", " ").replace("\t", " ").split(" ") if entry]
 
 
+def _client(forwarded: str, trusted_hops: int) -> str | None:
+    """The client entry of a header value ("" when it has no entries at all)."""
+    if forwarded.isprintable():
+        # No tab and no other space than ' ' in it: str.rsplit's idea of
+        # whitespace is ours, and it splits off only the entries we need.
+        parts = forwarded.replace(",", " ").rsplit(None, trusted_hops + 1)
+    else:
+        parts = forwarded_entries(forwarded)
+    if not parts:
+        return ""
+    if len(parts) <= trusted_hops:
+        return None
+    # The leftmost part keeps rsplit's leading spaces: it may be the client.
+    return parts[-1 - trusted_hops].lstrip(" ")
+
+
 def client_entry(entries: list[str], trusted_hops: int) -> int | None:
     """Which entry is the client's: the one before the trusted proxies' own; None if too few."""
     if len(entries) <= trusted_hops:
@@ -40,10 +56,9 @@ def client_ip(forwarded: str | None, peer: str | None, trusted_hops: int) -> str
     which entry was taken.
     """
     if forwarded:
-        entries = forwarded_entries(forwarded)
-        if entries:
-            index = client_entry(entries, trusted_hops)
-            return None if index is None else entries[index]
+        client = _client(forwarded, trusted_hops)
+        if client != "":
+            return client
     return peer
 
 

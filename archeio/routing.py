@@ -103,12 +103,23 @@ class LocalAnswer(NamedTuple):
     headers: tuple[tuple[str, str], ...] = ()
 
 
+class Decision(NamedTuple):
+    """Where a registry request goes: always a 307 to `location`."""
+
+    location: str
+    backend: str
+
+
 class Route(NamedTuple):
     """A well-formed registry request, to be redirected.
 
     `rest` is the path after `/v2/`, validated and safe to put in a URL;
     `digest` is set only for blob requests whose digest we can check.
     `upstream` is the redirect target without the query, on `backend`.
+    The rest is made once per route, because the router remembers routes
+    by path and popular paths repeat: `plain` is the decision for a request
+    without a query, `counted` the (kind, backend, status) key of its
+    metric, and `at_mirror` the decisions to each mirror, filled as asked.
     """
 
     kind: str
@@ -116,13 +127,9 @@ class Route(NamedTuple):
     digest: str | None
     upstream: str
     backend: str
-
-
-class Decision(NamedTuple):
-    """Where a registry request goes: always a 307 to `location`."""
-
-    location: str
-    backend: str
+    plain: Decision
+    counted: tuple[str, str, int]
+    at_mirror: dict[str, Decision]
 
 
 def oci_error(status: int, code: str, message: str) -> LocalAnswer:
@@ -276,14 +283,16 @@ class Router:
             root = self._signature_root if signature else self._upstream_root
         else:
             root = self._signature_prefix if signature else self._upstream_prefix
-        return Route(kind, rest, digest, root + rest, SIGNATURE_UPSTREAM if signature else UPSTREAM)
+        backend = SIGNATURE_UPSTREAM if signature else UPSTREAM
+        upstream = root + rest
+        return Route(kind, rest, digest, upstream, backend, Decision(upstream, backend), (kind, backend, 307), {})
 
     @staticmethod
     def upstream_location(route: Route, query: str) -> Decision:
         """The redirect for anything that is not a blob served by a mirror."""
         if query:
             return Decision(route.upstream + "?" + clean_query(query), route.backend)
-        return Decision(route.upstream, route.backend)
+        return route.plain
 
     def mirror_for(self, placement: Placement | None) -> str | None:
         """The mirror a client's blobs should come from; None: go upstream.
@@ -321,5 +330,13 @@ class Router:
         if route.kind == BLOB and route.digest is not None and blob_in_mirror:
             mirror = self.mirror_for(placement)
             if mirror is not None:
-                return self.mirror_location(mirror, route.digest)
+                return self.mirror_decision(route, mirror)
         return self.upstream_location(route, query)
+
+    def mirror_decision(self, route: Route, mirror: str) -> Decision:
+        """The redirect of a blob route to `mirror`, made once per route and mirror."""
+        decision = route.at_mirror.get(mirror)
+        if decision is None:
+            assert route.digest is not None
+            decision = route.at_mirror[mirror] = self.mirror_location(mirror, route.digest)
+        return decision

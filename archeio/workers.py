@@ -217,7 +217,9 @@ class Supervisor:
         read_end, write_end = os.pipe()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "archeio.worker", slot.name, str(write_end)],
+                # -P: the working directory does not shadow the installed
+                # package (`python -m` would put it first on sys.path).
+                [sys.executable, "-P", "-m", "archeio.worker", slot.name, str(write_end)],
                 stdin=subprocess.PIPE, pass_fds=(write_end,), preexec_fn=_ignore_sighup,
             )
         finally:

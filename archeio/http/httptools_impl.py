@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from ..routing import Decision, LocalAnswer, oci_error
-from .connections import BUSY, IDLE, ConnectionTracker
+from .connections import BUSY, IDLE, READING, ConnectionTracker
 
 if TYPE_CHECKING:
     from ..app import PendingCheck, RequestFlow
@@ -68,6 +68,11 @@ KEEP_1_0 = 1  # HTTP/1.0 keep-alive: must say so
 CLOSE = 2
 
 _CONNECTION_LINES = (b"", b"Connection: keep-alive\r\n", b"Connection: close\r\n")
+
+# What the headers of the request being parsed said.
+_KEEP_ALIVE_HEADER = 1  # Connection: keep-alive (matters for HTTP/1.0)
+_EXPECT_HEADER = 2  # Expect: (100-continue)
+_ANSWERED_EARLY = 4  # answered at its headers (Expect, Upgrade): nothing at its end
 
 REASONS = {
     200: b"OK",
@@ -151,8 +156,8 @@ class HttpToolsProtocol(asyncio.Protocol):
 
     __slots__ = (
         "state", "_engine", "_flow", "_tracker", "_wire", "_loop", "_transport", "_parser", "_peer",
-        "_url", "_forwarded", "_trace", "_expect", "_keep_alive_header", "_header_bytes",
-        "_head_began_at", "_fed", "_fed_before", "_too_large", "_early", "_queue", "_waiting",
+        "_url", "_forwarded", "_trace", "_flags", "_header_bytes",
+        "_head_began_at", "_fed", "_fed_before", "_too_large", "_queue", "_waiting",
         "_input_closed", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
         "_writing_paused", "_out", "_close_after_flush",
     )
@@ -171,8 +176,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._url = b""
         self._forwarded: bytes | None = None
         self._trace: bytes | None = None
-        self._expect = False
-        self._keep_alive_header = False
+        self._flags = 0  # _KEEP_ALIVE_HEADER, _EXPECT_HEADER, _ANSWERED_EARLY
         self._header_bytes = 0
         # Input bytes fed before the slice in which the unfinished head
         # began; -1 while no head is in progress.
@@ -180,7 +184,6 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._fed = 0
         self._fed_before = 0
         self._too_large = 0
-        self._early = False  # answered at its headers (Expect, Upgrade)
         # Answering, in order.
         self._queue: deque[_Request | int] = deque()  # an int: the final error answer
         self._waiting = False  # the request at the head of the line awaits a check
@@ -239,14 +242,32 @@ class HttpToolsProtocol(asyncio.Protocol):
             self._backlog += data
             return
         self._answered = 0
-        if len(data) <= SLICE:
-            self._feed_slice(data)
-            if self._backlog or self._queue:
-                self._update_reading()
-        else:
+        if len(data) > SLICE:
             self._feed(data)
-        if self._out:
-            self._flush()
+        else:
+            # One slice: `_feed_slice` inline, the hot path.
+            self._fed_before = fed = self._fed
+            self._fed = fed + len(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                pass  # the upgrade request was answered with Connection: close
+            except httptools.HttpParserError:
+                if not self._input_closed:  # bytes after `Connection: close` are ignored
+                    self._refuse(self._too_large or 400)
+            else:
+                if self._head_began_at >= 0 and self._fed - self._head_began_at > self._engine.max_head_bytes:
+                    self._refuse(431)
+            if self._queue:
+                self._update_reading()
+        out = self._out
+        if out:
+            transport = self._transport
+            if transport is not None:
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+            if self._close_after_flush:
+                self._flush()
 
     def _feed(self, data: bytes) -> None:
         """Feed input slice by slice; hold back the rest once the queue is full."""
@@ -289,14 +310,16 @@ class HttpToolsProtocol(asyncio.Protocol):
         if self._input_closed:
             raise _StopParsing  # the rest of a read after a request answered early
         self._url = b""
-        self._forwarded = None
-        self._trace = None
-        self._expect = False
-        self._keep_alive_header = False
+        self._forwarded = self._trace = None
+        self._flags = 0
         self._header_bytes = 0
         self._head_began_at = self._fed_before
         if self.state == IDLE:
-            self._tracker.reading(self)
+            # tracker.reading(self), inline: once per request on the hot path.
+            tracker = self._tracker
+            del tracker._idle[self]
+            self.state = READING
+            tracker._reading[self] = self._loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -319,52 +342,58 @@ class HttpToolsProtocol(asyncio.Protocol):
                 self._trace = value
         elif size == 10:
             if name.lower() == _CONNECTION and b"keep-alive" in value.lower():
-                self._keep_alive_header = True
+                self._flags |= _KEEP_ALIVE_HEADER
         elif size == 6 and name.lower() == _EXPECT:
-            self._expect = True
+            self._flags |= _EXPECT_HEADER
 
     def on_headers_complete(self) -> None:
         self._head_began_at = -1  # a body, if any, has the header deadline still
-        if self._expect or self._parser.should_upgrade():
+        if self._flags & _EXPECT_HEADER or self._parser.should_upgrade():
             # Answer now instead of 100 Continue or switching protocols, and
             # read no further: the body or the other protocol is not ours.
-            self._early = True
+            self._flags |= _ANSWERED_EARLY
             self._accept(CLOSE)
 
     def on_message_complete(self) -> None:
-        if self._early:
-            self._early = False
+        flags = self._flags
+        if flags & _ANSWERED_EARLY:
+            self._flags = 0
             return
         parser = self._parser
         if not parser.should_keep_alive() or self._tracker.closing:
-            mode = CLOSE
-        elif self._keep_alive_header and parser.get_http_version() == "1.0":
-            mode = KEEP_1_0
+            self._accept(CLOSE)
+        elif flags & _KEEP_ALIVE_HEADER and parser.get_http_version() == "1.0":
+            self._accept(KEEP_1_0)
         else:
-            mode = KEEP
-        self._accept(mode)
+            self._accept(KEEP)
 
     def _accept(self, mode: int) -> None:
         if mode == CLOSE:
             self._input_closed = True
-        request = (_METHODS.get(self._parser.get_method(), "OTHER"), self._url, self._forwarded, mode, self._trace)
-        if self.state != BUSY:
-            self._tracker.accepted(self)
+        state = self.state
+        if state != BUSY:
+            # tracker.accepted(self), inline.
+            tracker = self._tracker
+            if state == READING:
+                del tracker._reading[self]
+            else:
+                del tracker._idle[self]
+            self.state = BUSY
+        method = _METHODS.get(self._parser.get_method(), "OTHER")
         if self._queue or self._waiting or self._answered >= BUDGET:
-            self._queue.append(request)
+            self._queue.append((method, self._url, self._forwarded, mode, self._trace))
             if not self._waiting:
                 self._schedule_turn()
             return
         self._answered += 1
-        self._answer(request)
+        self._answer(method, self._url, self._forwarded, mode, self._trace)
 
     # -- answering ----------------------------------------------------------------------
 
-    def _answer(self, request: _Request) -> None:
-        method, url, forwarded, mode, trace = request
+    def _answer(self, method: str, url: bytes, forwarded: bytes | None, mode: int, trace: bytes | None) -> None:
         path, _, query = url.decode("latin-1").partition("?")
         outcome = self._flow.respond(
-            method, path, query, forwarded.decode("latin-1") if forwarded else None, self._peer, trace,
+            method, path, query, forwarded.decode("latin-1") if forwarded is not None else None, self._peer, trace,
         )
         kind = type(outcome)
         if kind is Decision:
@@ -378,7 +407,18 @@ class HttpToolsProtocol(asyncio.Protocol):
                 self._answer_later(outcome, method == "HEAD", mode)  # type: ignore[arg-type]
             ))
             return
-        self._respond(response, mode)
+        self._out.append(response)
+        if mode == CLOSE:
+            self._close_after_flush = True
+            self._queue.clear()
+        elif not self._queue and not self._waiting:
+            tracker = self._tracker
+            if tracker.closing or self._head_began_at >= 0:
+                tracker.answered(self, self._head_began_at >= 0)
+            else:
+                # tracker.answered(self), inline: nothing owed, nothing being read.
+                self.state = IDLE
+                tracker._idle[self] = self._loop.time()
 
     def _respond(self, response: bytes, mode: int) -> None:
         self._out.append(response)
@@ -437,7 +477,7 @@ class HttpToolsProtocol(asyncio.Protocol):
                 self._flow.refused(item)
                 self._respond(self._wire.answer(ERRORS[item], False, CLOSE), CLOSE)
                 return
-            self._answer(item)  # type: ignore[arg-type]
+            self._answer(*item)  # type: ignore[misc]
 
     def _flush(self) -> None:
         out = self._out
