@@ -325,22 +325,27 @@ def bucket_counts(port: int) -> dict[str, int]:
         conn.close()
 
 
-def run_locust(port: int, env: Mapping[str, str], users: int, seconds: int, out: Path,
-               cpus: str | None = None, timeout: float | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+def run_locust(port: int, env: Mapping[str, str], users: int, seconds: float, out: Path,
+               cpus: str | None = None, timeout: float | None = None,
+               processes: int = 1) -> tuple[int, dict[str, Any], dict[str, str]]:
     """One headless Locust run of benchmarks/locustfile.py against 127.0.0.1:`port`.
 
-    `env` carries the server's settings and the BENCH_* knobs. Returns
+    `env` carries the server's settings and the BENCH_* knobs. With
+    `processes` > 1, Locust runs a master and that many worker processes
+    (`--processes`); the master merges the workers' samples. Returns
     Locust's exit status (non-zero when any request failed), the
     locustfile's own summary (exact percentiles over the window after
     BENCH_WARMUP) and Locust's aggregated statistics row.
     """
     out.mkdir(parents=True, exist_ok=True)
     summary_file = out / "summary.json"
+    summary_file.unlink(missing_ok=True)
     command = pinned(cpus, [
         str(Path(sys.executable).parent / "locust"), "-f", str(BENCHMARKS / "locustfile.py"),
         "--headless", "--only-summary", "--users", str(users), "--spawn-rate", str(users),
-        "--run-time", f"{seconds}s", "--stop-timeout", "5", "--host", f"http://{LOOPBACK}:{port}",
+        "--run-time", f"{seconds:g}s", "--stop-timeout", "5", "--host", f"http://{LOOPBACK}:{port}",
         "--csv", str(out / "locust"), "--loglevel", "WARNING",
+        *(["--processes", str(processes)] if processes > 1 else []),
     ])
     full_env = {**os.environ, **env, "BENCH_SUMMARY_FILE": str(summary_file)}
     with open(out / "locust.log", "wb") as log:
