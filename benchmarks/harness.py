@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import http.client
 import json
 import os
@@ -147,6 +148,47 @@ def start_serving(name: str, command: Sequence[str], port: int, env: Mapping[str
     return process
 
 
+# -- HTTP engines -------------------------------------------------------------
+
+DEFAULT_ENGINE = "default"  # whatever `archeio serve` picks when not told
+
+
+@functools.cache
+def serve_help() -> str:
+    done = subprocess.run([*archeio_command(), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    return done.stdout
+
+
+def engine_problem(engines: Sequence[str]) -> str | None:
+    """Why these engines cannot be measured with this `archeio serve`, or None."""
+    named = [e for e in engines if e != DEFAULT_ENGINE]
+    if named and "--http" not in serve_help():
+        return (f"this archeio serve has no --http flag (ARCHEIO_HTTP): cannot select {', '.join(named)}; "
+                f"measure '{DEFAULT_ENGINE}' only")
+    return None
+
+
+def engine_settings(engine: str) -> dict[str, str]:
+    """The settings that select `engine` (none for the default)."""
+    return {} if engine == DEFAULT_ENGINE else {"ARCHEIO_HTTP": engine}
+
+
+# -- wrk2 ------------------------------------------------------------------------
+
+WRK2_WHERE = (
+    "wrk2 (github.com/giltene/wrk2, Apache-2.0) is not in Debian or PyPI: build it (benchmarks/README.md, "
+    "'Getting wrk2') and put it on PATH as wrk2, or name it with --wrk2 or WRK2=/path/to/wrk2"
+)
+
+
+def find_wrk2(explicit: str | None = None) -> str | None:
+    """wrk2 from --wrk2, else $WRK2, else `wrk2` on PATH; None when none is executable."""
+    for candidate in (explicit, os.environ.get("WRK2"), shutil.which("wrk2")):
+        if candidate and os.access(candidate, os.X_OK) and Path(candidate).is_file():
+            return str(Path(candidate).resolve())
+    return None
+
+
 def start_archeio(env: Mapping[str, str], port: int, cpus: str | None = None,
                   log: Path | None = None, name: str = "archeio") -> Process:
     """`archeio serve` on 127.0.0.1:`port` with `env` added to ours, once it serves.
@@ -172,6 +214,9 @@ error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    # Keep connections open like archeio does: nginx's default closes one
+    # every 1,000 requests, and the reconnects would slow the baseline.
+    keepalive_requests 10000000;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
