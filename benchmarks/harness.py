@@ -419,10 +419,33 @@ def children_cpu_seconds() -> float:
 
 
 def append_history(path: Path, row: Mapping[str, object]) -> None:
-    """One line per run in a CSV beside the results: how much figures move from run to run."""
-    new = not path.exists()
-    with open(path, "a", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """One line per run in a CSV beside the results: how much figures move from run to run.
+
+    Every run is kept. When a benchmark's figures change (a column added
+    or dropped), the file is rewritten with the union of the columns, the
+    older runs' cells left empty where they had no such figure.
+    """
+    rows: list[dict[str, object]] = []
+    columns: list[str] = []
+    if path.exists():
+        with open(path, newline="") as old:
+            reader = csv.DictReader(old)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    added = [name for name in row if name not in columns]
+    if columns and not added:
+        with open(path, "a", newline="") as out:
+            csv.DictWriter(out, fieldnames=columns).writerow(row)
+        return
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=columns + added)
+        writer.writeheader()
+        writer.writerows([*rows, row])
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    """Every run recorded in a history CSV (none if the file is absent)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as rows:
+        return list(csv.DictReader(rows))
