@@ -315,10 +315,17 @@ def machine_line(info: Mapping[str, object]) -> str:
             f"code {info.get('archeio_commit', 'unknown')}")
 
 
+def met_text(floor: Mapping[str, Any]) -> str:
+    """yes, NO, or why it could not be judged (`met` None, with a `note`)."""
+    if floor["met"] is None:
+        return f"not judged: {floor.get('note', 'no figure')}"
+    return "yes" if floor["met"] else "NO"
+
+
 def floors_table(floors: Sequence[Mapping[str, Any]]) -> list[str]:
     """Markdown rows: each floor, its measured figure, met or not."""
     return ["| floor | measured | met |", "| --- | ---: | --- |"] + [
-        f"| {f['floor']} | {f['measured']} | {'yes' if f['met'] else 'NO'} |" for f in floors
+        f"| {f['floor']} | {f['measured']} | {met_text(f)} |" for f in floors
     ]
 
 
