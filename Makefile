@@ -1,24 +1,22 @@
 # Developer entry points. The README's commands work without make; these are shortcuts.
-#   make test   - the whole test suite (installs what it needs: scripts/test)
-#   make bench  - the benchmarks of benchmarks/README.md; results in benchmarks/results/
+#   make test        - the whole test suite (installs what it needs: scripts/test)
+#   make bench       - every benchmark of benchmarks/README.md, then every floor with its
+#                      figure (about 20 minutes; results and history in benchmarks/results/)
+#   make bench-quick - the same chain for a few seconds a step: proves it works, measures nothing
+# wrk2 is found on PATH or through WRK2=/path/to/wrk2 (benchmarks/README.md, "Getting wrk2").
 
-.PHONY: test bench bench-deps bench-throughput bench-latency bench-report
+.PHONY: test bench bench-quick bench-deps
 
 test:
 	scripts/test
-
-bench: bench-throughput bench-latency bench-report
 
 # The benchmarks need the test extras (locust) and the bench extras (matplotlib).
 bench-deps:
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/python -m pip install -q -e '.[test,bench]'
 
-bench-throughput: bench-deps
-	benchmarks/throughput --engines --scaling
+bench: bench-deps
+	benchmarks/bench
 
-bench-latency: bench-deps
-	benchmarks/latency-steps
-
-bench-report: bench-deps
-	benchmarks/capacity-report
+bench-quick: bench-deps
+	benchmarks/bench --quick
