@@ -60,12 +60,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default loopback; deploy/loadtest runs it as a cluster Service)")
     parser.add_argument("--all-present", action="store_true", help="hold every digest")
     parser.add_argument("--missing-share", type=float, default=0.05,
                         help="share of blobs the mirrors lack (as the load generator's BENCH_MISSING_SHARE)")
     args = parser.parse_args()
-    # Loopback only: the benchmarks never send traffic anywhere else.
-    web.run_app(make_app(None if args.all_present else args.missing_share), host="127.0.0.1", port=args.port,
+    # Loopback by default: the local benchmarks never send traffic anywhere else.
+    web.run_app(make_app(None if args.all_present else args.missing_share), host=args.host, port=args.port,
                 print=None, access_log=None)
 
 
