@@ -89,6 +89,19 @@ class Rig:
     processes: int = 1  # Locust processes (--processes): the master merges their samples
 
 
+def start_rig(stack: ExitStack, tmp: Path, missing_share: float, ranges_dir: str, workers: int,
+              server_cpus: str | None, load_cpus: str | None, processes: int = 1) -> tuple[Rig, dict[str, str]]:
+    """The stand-in bucket and one `archeio serve` with every mirror on it (stopped with `stack`), and the settings."""
+    bucket_port, port = free_port(), free_port()
+    bucket = stack.enter_context(start_bucket(bucket_port, "--missing-share", str(missing_share),
+                                              cpus=load_cpus, log=tmp / "bucket.log"))
+    env = local_mirrors_env(tmp, bucket_port)
+    env.update({"ARCHEIO_RANGES_DIR": ranges_dir, "ARCHEIO_WORKERS": str(workers),
+                "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": str(missing_share)})
+    server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
+    return Rig(port, server.pid, bucket_port, bucket.pid, load_cpus, processes), env
+
+
 def run_baseline(rate: int, args: argparse.Namespace, port: int, nginx_pid: int, env: dict[str, str], out: Path,
                  load_cpus: str | None) -> dict[str, Any]:
     """The same Locust load against the fixed-307 nginx: what the generator alone adds to latency."""
@@ -250,17 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[dict[str, Any]] = []
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="archeio-latency-")))
-        bucket_port, port = free_port(), free_port()
-        bucket = stack.enter_context(start_bucket(bucket_port, "--missing-share", str(args.missing_share),
-                                                  cpus=load_cpus, log=tmp / "bucket.log"))
-        env = local_mirrors_env(tmp, bucket_port)
-        env.update({"ARCHEIO_RANGES_DIR": args.ranges_dir, "ARCHEIO_WORKERS": str(args.workers),
-                    "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": str(args.missing_share)})
-        server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
+        rig, env = start_rig(stack, tmp, args.missing_share, args.ranges_dir, args.workers, server_cpus, load_cpus,
+                             args.processes)
+        port, bucket_port = rig.port, rig.bucket_port
         nginx_port = free_port()
         nginx = None if args.no_baseline else stack.enter_context(
             start_nginx(tmp, nginx_port, f"http://{LOOPBACK}:{bucket_port}/cdn", server_cpus))
-        rig = Rig(port, server.pid, bucket_port, bucket.pid, load_cpus, args.processes)
         prewarm = None
         if args.prewarm:
             first = PREWARM_RATE

@@ -41,14 +41,10 @@ from harness import (
     append_history,
     can_pin,
     floors_table,
-    free_port,
-    local_mirrors_env,
     machine,
     machine_line,
-    start_archeio,
-    start_bucket,
 )
-from latency_steps import Rig, measure_step
+from latency_steps import measure_step, start_rig
 from traffic_mix import Expectations
 
 LATE_MS = 10.0  # a request sent later than this against its schedule changes the arrival pattern
@@ -158,15 +154,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.speedup:g}: {offered} req/s on average")
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="archeio-replay-")))
-        bucket_port, port = free_port(), free_port()
-        bucket = stack.enter_context(start_bucket(bucket_port, "--missing-share", str(args.missing_share),
-                                                  cpus=load_cpus, log=tmp / "bucket.log"))
-        env = local_mirrors_env(tmp, bucket_port)
-        env.update({"ARCHEIO_RANGES_DIR": args.ranges_dir, "ARCHEIO_WORKERS": str(args.workers),
-                    "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": str(args.missing_share)})
+        rig, env = start_rig(stack, tmp, args.missing_share, args.ranges_dir, args.workers, server_cpus, load_cpus,
+                             args.processes)
         mix = log_mix(entries, Expectations(env))
-        server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
-        rig = Rig(port, server.pid, bucket_port, bucket.pid, load_cpus, args.processes)
         replay_env = {**env, "BENCH_REPLAY": str(args.log.resolve()), "BENCH_REPLAY_SPEEDUP": str(args.speedup),
                       "BENCH_WARMUP": str(args.warmup), **({"BENCH_REPLAY_RATE": str(args.rate)} if args.rate else {})}
         # The schedule starts a second after the test does (BENCH_REPLAY_LEAD); a few more let the last answers in.
