@@ -206,7 +206,8 @@ def history_row(result: dict[str, Any]) -> dict[str, object]:
     steps, info = result["steps"], result["machine"]
     at_floor = next((s for s in steps if s["offered_rps"] == FLOOR_RATE), {})
     return {
-        "date": info["date"], "code": info["archeio_commit"], "load_average": info["load_average_at_start"][0],
+        "date": info["date"], "code": info["archeio_commit"], "cpu_model": info["cpu_model"],
+        "load_average": info["load_average_at_start"][0], "processes": result.get("processes", 1),
         "highest_driven_rps": max((s["offered_rps"] for s in steps if s["driven"]), default=None),
         "failures_driven": sum(s["failures"] for s in steps if s["driven"]),
         f"p99_ms_at_{FLOOR_RATE}": at_floor.get("p99_ms"),
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
 
     result = {
-        "machine": info, "layout": layout, "workers": args.workers,
+        "machine": info, "layout": layout, "workers": args.workers, "processes": args.processes,
         "ranges": args.ranges_dir or "embedded", "missing_share": args.missing_share,
         "seconds": args.seconds, "warmup": args.warmup, "user_rate": args.user_rate,
         "prewarm_seconds": args.prewarm, "prewarm": prewarm,
