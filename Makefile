@@ -3,9 +3,10 @@
 #   make bench       - every benchmark of benchmarks/README.md, then every floor with its
 #                      figure (about 20 minutes; results and history in benchmarks/results/)
 #   make bench-quick - the same chain for a few seconds a step: proves it works, measures nothing
+#   make bench-baseline - on the code BEFORE a change: saves the cold-start baseline, then make bench
 # wrk2 is found on PATH or through WRK2=/path/to/wrk2 (benchmarks/README.md, "Getting wrk2").
 
-.PHONY: test bench bench-quick bench-deps
+.PHONY: test bench bench-quick bench-baseline bench-deps
 
 test:
 	scripts/test
@@ -20,3 +21,9 @@ bench: bench-deps
 
 bench-quick: bench-deps
 	benchmarks/bench --quick
+
+# The start-up floors of the blob answer and /readyz are "not slower than before":
+# this records "before" (results/cold-start-baseline.json) and measures the rest too.
+bench-baseline: bench-deps
+	benchmarks/cold-start --save-baseline
+	benchmarks/bench

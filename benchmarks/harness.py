@@ -299,13 +299,20 @@ def machine() -> dict[str, object]:
 
 
 def _commit() -> str:
-    """The code measured: commit of the work tree, "-dirty" with uncommitted changes."""
+    """The code measured: commit of the work tree, "-dirty" with uncommitted changes.
+
+    Changes to the result files do not count: one benchmark of `make bench`
+    writes them before the next one asks.
+    """
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
+        described = subprocess.run(["git", "describe", "--always"], cwd=REPO, capture_output=True,
+                                   text=True, timeout=10, check=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  f":!{RESULTS.relative_to(REPO)}"], cwd=REPO, capture_output=True, text=True,
+                                 timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError, ValueError):
         return "unknown"
-    return done.stdout.strip()
+    return described.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
 
 
 def machine_line(info: Mapping[str, object]) -> str:
