@@ -42,6 +42,7 @@ from typing import Any
 from harness import (
     LOOPBACK,
     RESULTS,
+    SERVER_CWD,
     Process,
     append_history,
     archeio_command,
@@ -102,7 +103,7 @@ def one_start(env: dict[str, str], cpus: str | None, log: Path, expected_blob: s
         threading.Thread(target=poll, args=("readyz_ms", admin_port, "/readyz", {})),
     ]
     started = time.perf_counter()
-    server = Process("archeio", pinned(cpus, archeio_command()), full_env, log=log)
+    server = Process("archeio", pinned(cpus, archeio_command()), full_env, log=log, cwd=SERVER_CWD)
     try:
         for poller in pollers:
             poller.start()

@@ -37,6 +37,7 @@ from typing import Any
 from harness import (
     LOOPBACK,
     RESULTS,
+    SERVER_CWD,
     Process,
     append_history,
     archeio_command,
@@ -122,11 +123,15 @@ def workers_processes(tmp: Path, run: int) -> dict[str, Any]:
     env = {**os.environ, "PORT": str(port), "ARCHEIO_HOST": LOOPBACK, "ARCHEIO_ADMIN_PORT": str(admin_port),
            "ARCHEIO_ADMIN_HOST": LOOPBACK, "ARCHEIO_WORKERS": "2", "ARCHEIO_LOG_LEVEL": "warning",
            "ARCHEIO_RANGES_DIR": str(shared_ranges_dir() or "")}
-    with Process("archeio --workers 2", archeio_command(), env, log=tmp / f"workers-{run}.log") as server:
+    with Process("archeio --workers 2", archeio_command(), env, log=tmp / f"workers-{run}.log",
+                 cwd=SERVER_CWD) as server:
         deadline = time.monotonic() + 60
         while get(admin_port, "/readyz") != 200:
-            if time.monotonic() > deadline or not server.alive():
-                raise RuntimeError(f"archeio --workers 2 never became ready; see {tmp}/workers-{run}.log")
+            if not server.alive():
+                raise RuntimeError(f"archeio --workers 2 exited with {server.popen.returncode} before it was "
+                                   f"ready; see {tmp}/workers-{run}.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"archeio --workers 2 was not ready within 60 s; see {tmp}/workers-{run}.log")
             time.sleep(0.05)
         # New connections spread over both workers (SO_REUSEPORT): each serves some.
         for _ in range(200):

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -128,6 +129,12 @@ def wait_until_serving(process: Process, port: int, path: str = "/v2/", timeout:
     raise RuntimeError(f"{process.name} did not serve on port {port} within {timeout} s")
 
 
+# Where servers run: not the repository, whose `archeio/` package would come
+# first on the path of anything started with `python -m` (worker processes)
+# and could differ from the installed one being measured.
+SERVER_CWD = Path(tempfile.gettempdir())
+
+
 def archeio_command() -> list[str]:
     """The real `archeio serve` console script of this interpreter's environment."""
     script = Path(sys.executable).parent / "archeio"
@@ -137,9 +144,9 @@ def archeio_command() -> list[str]:
 
 
 def start_serving(name: str, command: Sequence[str], port: int, env: Mapping[str, str] | None = None,
-                  log: Path | None = None, ready_path: str = "/v2/") -> Process:
+                  log: Path | None = None, ready_path: str = "/v2/", cwd: Path | None = None) -> Process:
     """Start `command` and return once `port` answers HTTP; stopped again if it never does."""
-    process = Process(name, command, env, log=log)
+    process = Process(name, command, env, log=log, cwd=cwd)
     try:
         wait_until_serving(process, port, ready_path)
     except BaseException:
@@ -197,7 +204,7 @@ def start_archeio(env: Mapping[str, str], port: int, cpus: str | None = None,
     side, and its default port would clash.
     """
     full_env = {**os.environ, "ARCHEIO_ADMIN_PORT": "0", **env, "PORT": str(port), "ARCHEIO_HOST": LOOPBACK}
-    return start_serving(name, pinned(cpus, archeio_command()), port, full_env, log)
+    return start_serving(name, pinned(cpus, archeio_command()), port, full_env, log, cwd=SERVER_CWD)
 
 
 def start_bucket(port: int, *args: str, cpus: str | None = None, log: Path | None = None) -> Process:

@@ -101,6 +101,7 @@ class Expectations:
         endpoint = env.get("UPSTREAM_REGISTRY_ENDPOINT") or "https://us-central1-docker.pkg.dev"
         path = (env.get("UPSTREAM_REGISTRY_PATH") or "k8s-artifacts-prod/images").strip("/")
         self.upstream = endpoint.rstrip("/") + "/v2/" + (path + "/" if path else "")
+        self.upstream_path = path
         self.default_mirror = (env.get("DEFAULT_AWS_BASE_URL") or "https://d1be1w964nk82h.cloudfront.net").rstrip("/")
         self.signature_endpoint = env.get("SIGNATURE_UPSTREAM_ENDPOINT") or ""
         mirrors_file = env.get("ARCHEIO_MIRRORS_FILE")
@@ -156,7 +157,8 @@ class Expectations:
         Predicted: `/v2/`, blobs, manifests and tag lists whose path follows
         the OCI grammar, without a query, by GET or HEAD, from a valid
         client address. Anything else (other methods, odd paths, queries,
-        signature tags with their own endpoint) is left to the caller.
+        names already under the upstream path, signature tags with their
+        own endpoint) is left to the caller.
         """
         if method not in ("GET", "HEAD") or "?" in target:
             return None
@@ -166,6 +168,8 @@ class Expectations:
         if match is None:
             return None
         name = match["name"]
+        if self.upstream_path and (name + "/").startswith(self.upstream_path + "/"):
+            return None  # a name already under the upstream path: the server does not prefix it twice
         if match["blob"]:
             if client is None:
                 return None
