@@ -5,6 +5,8 @@
 #   make bench-quick - the same chain for a few seconds a step: proves it works, measures nothing
 #   make bench-baseline - on the code BEFORE a change: saves the cold-start baseline, then make bench
 # wrk2 is found on PATH or through WRK2=/path/to/wrk2 (benchmarks/README.md, "Getting wrk2").
+# HTTP=httptools,aiohttp measures both engines (the first binds the floors); default: the server's.
+HTTP ?= default
 
 .PHONY: test bench bench-quick bench-baseline bench-deps
 
@@ -17,13 +19,13 @@ bench-deps:
 	.venv/bin/python -m pip install -q -e '.[test,bench]'
 
 bench: bench-deps
-	benchmarks/bench
+	benchmarks/bench --http $(HTTP)
 
 bench-quick: bench-deps
-	benchmarks/bench --quick
+	benchmarks/bench --quick --http $(HTTP)
 
 # The start-up floors of the blob answer and /readyz are "not slower than before":
 # this records "before" (results/cold-start-baseline.json) and measures the rest too.
 bench-baseline: bench-deps
 	benchmarks/cold-start --save-baseline
-	benchmarks/bench
+	benchmarks/bench --http $(HTTP)
