@@ -10,6 +10,12 @@ benchmarks/results/capacity-report.md with two plots beside it:
   baseline of the same run, and the per-core capacity (1 s / server CPU
   time per request) of each.
 
+Where benchmarks/latency-open-loop has run, it adds wrk2's open-loop
+latency near one worker's capacity. It also sizes the load generators:
+how many Locust processes and wrk2 threads (each a core) a target rate
+needs, from the per-process ceilings the runs measured. The floors of
+every benchmark close the report (scorecard.py).
+
 An instance here is one archeio worker process on one core (upstream ran
 Go with GOMAXPROCS=1 on Cloud Run). The instances table gives two figures
 for each target rate: what the latency steps showed one worker sustaining
@@ -32,10 +38,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from harness import RESULTS, floors_table, machine_line  # noqa: E402
+from harness import RESULTS, machine_line  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
+from scorecard import render as render_scorecard  # noqa: E402
 
 TARGET_RATES = (1_000, 2_500, 5_000, 10_000)
+GENERATOR_TARGETS = (1_000, 10_000, 50_000, 100_000, 500_000)
+# Keep a generator below this share of its core: above it, it queues its own sends.
+GENERATOR_CPU_LIMIT = 0.9
+WRK2_PLAIN_PER_CORE = 60_000  # wrk2's README, without a Lua hook
 P99_BOUNDS_MS = (10.0, 25.0)
 # Plan CPU-bound capacity at this utilisation of the core: beyond about
 # 60-70%, queueing makes the tail grow quickly (M/M/1: waiting ~ rho/(1-rho)).
@@ -74,8 +85,10 @@ def plot_latency(steps: list[dict[str, Any]], path: Path) -> None:
 def plot_throughput(summary: list[dict[str, Any]], path: Path) -> None:
     names = [row["target"] for row in summary]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-    colours = ["grey" if name == "nginx" else "tab:blue" if not name.startswith("aiohttp") else "tab:orange"
-               for name in names]
+    engines = list(dict.fromkeys(row.get("engine") for row in summary if row.get("engine")))
+    palette = ["tab:blue", "tab:orange", "tab:green"]
+    colours = ["grey" if row.get("engine") is None else palette[engines.index(row["engine"]) % len(palette)]
+               for row in summary]
     left.bar(names, [row["rps"] for row in summary], color=colours)
     left.set_title("wrk -t1 -c64: requests/s (median of rounds)")
     for i, row in enumerate(summary):
@@ -138,7 +151,10 @@ def instances_table(steps: list[dict[str, Any]]) -> list[str]:
 def history_tables(results: Path) -> list[str]:
     """Every recorded run's headline figures, from the history CSVs, as Markdown tables."""
     lines: list[str] = []
-    for name, title in (("throughput-history.csv", "Throughput runs"), ("latency-steps-history.csv", "Latency runs")):
+    for name, title in (("throughput-history.csv", "Throughput runs"), ("latency-steps-history.csv", "Latency runs"),
+                        ("latency-open-loop-history.csv", "Open-loop latency runs"),
+                        ("cold-start-history.csv", "Cold starts"), ("footprint-history.csv", "Footprint runs"),
+                        ("memory-flood-history.csv", "Memory floods")):
         path = results / name
         if not path.exists():
             continue
@@ -150,7 +166,97 @@ def history_tables(results: Path) -> list[str]:
     return lines
 
 
-def render(latency: dict[str, Any], throughput: dict[str, Any], history: list[str]) -> str:
+def locust_ceiling(steps: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """Requests/s one Locust process sustains with the realistic mix, and how that was found.
+
+    From its CPU time per request at the busiest step it drove, at 90% of a
+    core: Locust's cost per request hardly changes with the rate, and on a
+    shared machine the first step it could not drive often failed for
+    lack of a CPU (the neighbours'), not because Locust had run out. Where
+    Locust did run out of its core, what it achieved there caps the figure.
+    """
+    driven = [s for s in steps if s["driven"] and s.get("generator_cpu_share")]
+    if not driven:
+        return None, "no step driven"
+    best = max(driven, key=lambda s: s["offered_rps"])
+    processes = best.get("processes") or 1
+    per_core = best["achieved_rps"] / processes / best["generator_cpu_share"]
+    ceiling = GENERATOR_CPU_LIMIT * per_core
+    how = (f"{1e6 / per_core:,.0f} us of Locust CPU per request at {best['offered_rps']:,} req/s, the busiest step "
+           f"it drove, at {GENERATOR_CPU_LIMIT:.0%} of a core")
+    saturated = next((s for s in steps
+                      if not s["driven"] and (s.get("generator_cpu_share") or 0) >= GENERATOR_CPU_LIMIT), None)
+    if saturated and saturated["achieved_rps"] / (saturated.get("processes") or 1) < ceiling:
+        ceiling = saturated["achieved_rps"] / (saturated.get("processes") or 1)
+        how += f"; capped by what one process achieved with its core full ({saturated['offered_rps']:,} offered)"
+    return ceiling, how
+
+
+def wrk2_ceiling(open_loop: dict[str, Any]) -> tuple[float | None, str]:
+    """Requests/s one wrk2 thread (one core) sends with the mix hook, from its CPU time per request.
+
+    Taken from the busiest fixed-rate run, not the saturating ones: paced
+    sends wake wrk2 for every few requests, while a saturated wrk2 batches
+    them and costs about half as much per request, which would overstate
+    what it can pace.
+    """
+    paced = [s for s in open_loop["steps"] if s.get("generator_cpu_us_per_request")]
+    if not paced:
+        return None, "no fixed-rate runs"
+    busiest = max(paced, key=lambda s: s["achieved_rps"])
+    us = busiest["generator_cpu_us_per_request"]
+    return GENERATOR_CPU_LIMIT * 1e6 / us, (
+        f"{us} us of wrk2 CPU per request with the mix hook at {busiest['rate']:,} req/s, its busiest fixed-rate "
+        f"run, extrapolated to {GENERATOR_CPU_LIMIT:.0%} of a core (wrk2's README: about {WRK2_PLAIN_PER_CORE:,} "
+        "plain requests/s per core)")
+
+
+def generators_section(steps: list[dict[str, Any]], open_loop: dict[str, Any] | None) -> list[str]:
+    locust, locust_how = locust_ceiling(steps)
+    wrk2, wrk2_how = wrk2_ceiling(open_loop) if open_loop else (None, "benchmarks/latency-open-loop has not run")
+    lines = [
+        "## Load generators needed",
+        "",
+        "Each Locust process and each wrk2 thread uses one core: a target rate needs that many free cores "
+        "on the generator machines (plus a little for Locust's master). Ceilings per process:",
+        "",
+        f"- Locust, realistic mix: {f'{locust:,.0f} req/s' if locust else '-'} ({locust_how}); distributed "
+        "mode: `--processes N` on one machine, `--master`/`--worker` across machines, deploy/loadtest/ on "
+        "Kubernetes.",
+        f"- wrk2, realistic mix (open loop): {f'{wrk2:,.0f} req/s' if wrk2 else '-'} ({wrk2_how}); `-t N` "
+        "threads on N cores; one wrk2 runs on one machine.",
+        "",
+        "| target req/s | Locust processes | wrk2 threads |",
+        "| ---: | ---: | ---: |",
+    ]
+    for rate in GENERATOR_TARGETS:
+        lines.append(f"| {rate:,} | {math.ceil(rate / locust) if locust else '-'} | "
+                     f"{math.ceil(rate / wrk2) if wrk2 else '-'} |")
+    return lines
+
+
+def open_loop_section(open_loop: dict[str, Any]) -> list[str]:
+    capacity = open_loop["capacity"]
+    lines = [
+        "## Latency near capacity (wrk2, open loop, one worker)",
+        "",
+        f"{machine_line(open_loop['machine'])}; {open_loop['layout']}. Capacity (wrk2 saturating, median of "
+        f"rounds): archeio {capacity['archeio']['rps']:,} req/s"
+        + (f", nginx {capacity['nginx']['rps']:,} req/s" if "nginx" in capacity else "")
+        + f". Each rate ran {open_loop['seconds']} s after wrk2's calibration; latency corrected for "
+        "coordinated omission (from the schedule), ms. nginx got the same absolute rates.",
+        "",
+        "| target | share of capacity | req/s | p50 | p99 | p99.9 | max | uncorrected p99 | server CPU us/req |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {s['target']} | {s['share']}% | {s['rate']:,} | {s['p50_ms']} | {s['p99_ms']} | {s['p999_ms']} | "
+              f"{s['max_ms']} | {s['uncorrected_p99_ms']} | {s['server_cpu_us_per_request']} |"
+              for s in open_loop["steps"]]
+    return lines
+
+
+def render(latency: dict[str, Any], throughput: dict[str, Any], history: list[str],
+           open_loop: dict[str, Any] | None = None, results: Path = RESULTS) -> str:
     steps = latency["steps"]
     summary = throughput["summary"]
     blob = next(r for r in summary if r["target"] == "blob-aws")
@@ -163,9 +269,9 @@ def render(latency: dict[str, Any], throughput: dict[str, Any], history: list[st
         f"- latency steps: {machine_line(latency['machine'])}; {latency['layout']}",
         f"- throughput ceiling: {machine_line(throughput['machine'])}; {throughput['layout']}",
         "",
-        "Reproduce: `make bench` (or `benchmarks/throughput --engines --scaling`, `benchmarks/latency-steps`, "
-        "`benchmarks/capacity-report`). Raw figures: [latency-steps.csv](latency-steps.csv), "
-        "[throughput.csv](throughput.csv), and the `.json`/`.md` beside them.",
+        "Reproduce: `make bench` (benchmarks/bench: every benchmark, then this report). Raw figures: "
+        "[latency-steps.csv](latency-steps.csv), [throughput.csv](throughput.csv), "
+        "[latency-open-loop.csv](latency-open-loop.csv), and the `.json`/`.md` beside them.",
         "",
         "## Latency under load (realistic pull mix, one worker)",
         "",
@@ -192,13 +298,15 @@ def render(latency: dict[str, Any], throughput: dict[str, Any], history: list[st
         "",
         "![throughput against the nginx baseline](throughput-vs-nginx.png)",
         "",
-        "| target | req/s | ratio of nginx | p99 ms | server CPU us/request | per-core capacity req/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| target | req/s | ratio of nginx (min-max) | CPU ratio (nginx's CPU per request / ours) | p99 ms | "
+        "server CPU us/request | per-core capacity req/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in summary:
-        ratio = "1" if row["ratio_to_nginx"] is None else str(row["ratio_to_nginx"])
-        lines.append(f"| {row['target']} | {row['rps']} | {ratio} | {row['p99_ms']} | "
-                     f"{row['cpu_us_per_request']} | {round(1e6 / row['cpu_us_per_request']):,} |")
+        ratio = ("1" if row["ratio_to_nginx"] is None
+                 else f"{row['ratio_to_nginx']} ({row.get('ratio_min')}-{row.get('ratio_max')})")
+        lines.append(f"| {row['target']} | {row['rps']} | {ratio} | {row.get('cpu_ratio_to_nginx', '-')} | "
+                     f"{row['p99_ms']} | {row['cpu_us_per_request']} | {round(1e6 / row['cpu_us_per_request']):,} |")
     scaling = throughput.get("scaling")
     if scaling:
         lines += ["", "Multi-worker scaling (blob hot path; CPU per request summed over the workers):", "",
@@ -223,9 +331,10 @@ def render(latency: dict[str, Any], throughput: dict[str, Any], history: list[st
         "",
         *instances_table(steps),
         "",
-        "## Floors",
+        *generators_section(steps, open_loop),
         "",
-        *floors_table(latency["floors"] + throughput["floors"]),
+        *(open_loop_section(open_loop) + [""] if open_loop else []),
+        render_scorecard(results),
     ]
     if history:
         lines += ["", "## Run to run", "",
@@ -246,9 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks/capacity-report: {exc.filename} is missing: run benchmarks/latency-steps and "
               "benchmarks/throughput first", file=sys.stderr)
         return 2
+    open_loop_file = args.results / "latency-open-loop.json"
+    open_loop = json.loads(open_loop_file.read_text()) if open_loop_file.exists() else None
     plot_latency(latency["steps"], args.results / "latency-vs-load.png")
     plot_throughput(throughput["summary"], args.results / "throughput-vs-nginx.png")
-    report = render(latency, throughput, history_tables(args.results))
+    report = render(latency, throughput, history_tables(args.results), open_loop, args.results)
     (args.results / "capacity-report.md").write_text(report)
     print(report)
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import http.client
 import json
 import os
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -127,6 +129,12 @@ def wait_until_serving(process: Process, port: int, path: str = "/v2/", timeout:
     raise RuntimeError(f"{process.name} did not serve on port {port} within {timeout} s")
 
 
+# Where servers run: not the repository, whose `archeio/` package would come
+# first on the path of anything started with `python -m` (worker processes)
+# and could differ from the installed one being measured.
+SERVER_CWD = Path(tempfile.gettempdir())
+
+
 def archeio_command() -> list[str]:
     """The real `archeio serve` console script of this interpreter's environment."""
     script = Path(sys.executable).parent / "archeio"
@@ -136,15 +144,56 @@ def archeio_command() -> list[str]:
 
 
 def start_serving(name: str, command: Sequence[str], port: int, env: Mapping[str, str] | None = None,
-                  log: Path | None = None, ready_path: str = "/v2/") -> Process:
+                  log: Path | None = None, ready_path: str = "/v2/", cwd: Path | None = None) -> Process:
     """Start `command` and return once `port` answers HTTP; stopped again if it never does."""
-    process = Process(name, command, env, log=log)
+    process = Process(name, command, env, log=log, cwd=cwd)
     try:
         wait_until_serving(process, port, ready_path)
     except BaseException:
         process.stop()
         raise
     return process
+
+
+# -- HTTP engines -------------------------------------------------------------
+
+DEFAULT_ENGINE = "default"  # whatever `archeio serve` picks when not told
+
+
+@functools.cache
+def serve_help() -> str:
+    done = subprocess.run([*archeio_command(), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    return done.stdout
+
+
+def engine_problem(engines: Sequence[str]) -> str | None:
+    """Why these engines cannot be measured with this `archeio serve`, or None."""
+    named = [e for e in engines if e != DEFAULT_ENGINE]
+    if named and "--http" not in serve_help():
+        return (f"this archeio serve has no --http flag (ARCHEIO_HTTP): cannot select {', '.join(named)}; "
+                f"measure '{DEFAULT_ENGINE}' only")
+    return None
+
+
+def engine_settings(engine: str) -> dict[str, str]:
+    """The settings that select `engine` (none for the default)."""
+    return {} if engine == DEFAULT_ENGINE else {"ARCHEIO_HTTP": engine}
+
+
+# -- wrk2 ------------------------------------------------------------------------
+
+WRK2_WHERE = (
+    "wrk2 (github.com/giltene/wrk2, Apache-2.0) is not in Debian or PyPI: build it (benchmarks/README.md, "
+    "'Getting wrk2') and put it on PATH as wrk2, or name it with --wrk2 or WRK2=/path/to/wrk2"
+)
+
+
+def find_wrk2(explicit: str | None = None) -> str | None:
+    """wrk2 from --wrk2, else $WRK2, else `wrk2` on PATH; None when none is executable."""
+    for candidate in (explicit, os.environ.get("WRK2"), shutil.which("wrk2")):
+        if candidate and os.access(candidate, os.X_OK) and Path(candidate).is_file():
+            return str(Path(candidate).resolve())
+    return None
 
 
 def start_archeio(env: Mapping[str, str], port: int, cpus: str | None = None,
@@ -155,7 +204,7 @@ def start_archeio(env: Mapping[str, str], port: int, cpus: str | None = None,
     side, and its default port would clash.
     """
     full_env = {**os.environ, "ARCHEIO_ADMIN_PORT": "0", **env, "PORT": str(port), "ARCHEIO_HOST": LOOPBACK}
-    return start_serving(name, pinned(cpus, archeio_command()), port, full_env, log)
+    return start_serving(name, pinned(cpus, archeio_command()), port, full_env, log, cwd=SERVER_CWD)
 
 
 def start_bucket(port: int, *args: str, cpus: str | None = None, log: Path | None = None) -> Process:
@@ -172,6 +221,9 @@ error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    # Keep connections open like archeio does: nginx's default closes one
+    # every 1,000 requests, and the reconnects would slow the baseline.
+    keepalive_requests 10000000;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
@@ -254,13 +306,20 @@ def machine() -> dict[str, object]:
 
 
 def _commit() -> str:
-    """The code measured: commit of the work tree, "-dirty" with uncommitted changes."""
+    """The code measured: commit of the work tree, "-dirty" with uncommitted changes.
+
+    Changes to the result files do not count: one benchmark of `make bench`
+    writes them before the next one asks.
+    """
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
+        described = subprocess.run(["git", "describe", "--always"], cwd=REPO, capture_output=True,
+                                   text=True, timeout=10, check=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  f":!{RESULTS.relative_to(REPO)}"], cwd=REPO, capture_output=True, text=True,
+                                 timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError, ValueError):
         return "unknown"
-    return done.stdout.strip()
+    return described.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
 
 
 def machine_line(info: Mapping[str, object]) -> str:
@@ -270,10 +329,17 @@ def machine_line(info: Mapping[str, object]) -> str:
             f"code {info.get('archeio_commit', 'unknown')}")
 
 
+def met_text(floor: Mapping[str, Any]) -> str:
+    """yes, NO, or why it could not be judged (`met` None, with a `note`)."""
+    if floor["met"] is None:
+        return f"not judged: {floor.get('note', 'no figure')}"
+    return "yes" if floor["met"] else "NO"
+
+
 def floors_table(floors: Sequence[Mapping[str, Any]]) -> list[str]:
     """Markdown rows: each floor, its measured figure, met or not."""
     return ["| floor | measured | met |", "| --- | ---: | --- |"] + [
-        f"| {f['floor']} | {f['measured']} | {'yes' if f['met'] else 'NO'} |" for f in floors
+        f"| {f['floor']} | {f['measured']} | {met_text(f)} |" for f in floors
     ]
 
 
@@ -325,22 +391,27 @@ def bucket_counts(port: int) -> dict[str, int]:
         conn.close()
 
 
-def run_locust(port: int, env: Mapping[str, str], users: int, seconds: int, out: Path,
-               cpus: str | None = None, timeout: float | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+def run_locust(port: int, env: Mapping[str, str], users: int, seconds: float, out: Path,
+               cpus: str | None = None, timeout: float | None = None,
+               processes: int = 1) -> tuple[int, dict[str, Any], dict[str, str]]:
     """One headless Locust run of benchmarks/locustfile.py against 127.0.0.1:`port`.
 
-    `env` carries the server's settings and the BENCH_* knobs. Returns
+    `env` carries the server's settings and the BENCH_* knobs. With
+    `processes` > 1, Locust runs a master and that many worker processes
+    (`--processes`); the master merges the workers' samples. Returns
     Locust's exit status (non-zero when any request failed), the
     locustfile's own summary (exact percentiles over the window after
     BENCH_WARMUP) and Locust's aggregated statistics row.
     """
     out.mkdir(parents=True, exist_ok=True)
     summary_file = out / "summary.json"
+    summary_file.unlink(missing_ok=True)
     command = pinned(cpus, [
         str(Path(sys.executable).parent / "locust"), "-f", str(BENCHMARKS / "locustfile.py"),
         "--headless", "--only-summary", "--users", str(users), "--spawn-rate", str(users),
-        "--run-time", f"{seconds}s", "--stop-timeout", "5", "--host", f"http://{LOOPBACK}:{port}",
+        "--run-time", f"{seconds:g}s", "--stop-timeout", "5", "--host", f"http://{LOOPBACK}:{port}",
         "--csv", str(out / "locust"), "--loglevel", "WARNING",
+        *(["--processes", str(processes)] if processes > 1 else []),
     ])
     full_env = {**os.environ, **env, "BENCH_SUMMARY_FILE": str(summary_file)}
     with open(out / "locust.log", "wb") as log:
@@ -369,10 +440,33 @@ def children_cpu_seconds() -> float:
 
 
 def append_history(path: Path, row: Mapping[str, object]) -> None:
-    """One line per run in a CSV beside the results: how much figures move from run to run."""
-    new = not path.exists()
-    with open(path, "a", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """One line per run in a CSV beside the results: how much figures move from run to run.
+
+    Every run is kept. When a benchmark's figures change (a column added
+    or dropped), the file is rewritten with the union of the columns, the
+    older runs' cells left empty where they had no such figure.
+    """
+    rows: list[dict[str, object]] = []
+    columns: list[str] = []
+    if path.exists():
+        with open(path, newline="") as old:
+            reader = csv.DictReader(old)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    added = [name for name in row if name not in columns]
+    if columns and not added:
+        with open(path, "a", newline="") as out:
+            csv.DictWriter(out, fieldnames=columns).writerow(row)
+        return
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=columns + added)
+        writer.writeheader()
+        writer.writerows([*rows, row])
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    """Every run recorded in a history CSV (none if the file is absent)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as rows:
+        return list(csv.DictReader(rows))

@@ -29,7 +29,9 @@ import json
 import math
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +63,10 @@ PREWARM_RATE = 1000
 FLOOR_RATE = 1000
 
 FIELDS = [
-    "offered_rps", "users", "achieved_rps", "requests", "failures", "error_rate", "p50_ms", "p95_ms",
-    "p99_ms", "p999_ms", "max_ms", "locust_p99_ms", "generator_cpu_share", "generator_cpu_warnings",
-    "driven", "server_cpu_us_per_request", "server_cpu_share", "bucket_heads", "neighbour_cpu_cores",
+    "offered_rps", "users", "processes", "achieved_rps", "requests", "failures", "error_rate", "p50_ms", "p95_ms",
+    "p99_ms", "p999_ms", "max_ms", "locust_p99_ms", "generator_cpu_share", "generator_cpu_cores",
+    "generator_cpu_warnings", "driven", "server_cpu_us_per_request", "server_cpu_share", "bucket_heads",
+    "neighbour_cpu_cores",
     "locust_exit", "nginx_achieved_rps", "nginx_p50_ms", "nginx_p99_ms", "nginx_max_ms", "nginx_cpu_us_per_request",
 ]
 
@@ -74,13 +77,38 @@ def step_env(rate: int, args: argparse.Namespace, env: dict[str, str]) -> tuple[
     return users, {**env, "BENCH_USER_RATE": f"{rate / users:g}", "BENCH_WARMUP": str(args.warmup)}
 
 
+@dataclass(frozen=True)
+class Rig:
+    """The server under test, its stand-in bucket and where the load generator runs."""
+
+    port: int
+    server_pid: int
+    bucket_port: int
+    bucket_pid: int
+    load_cpus: str | None
+    processes: int = 1  # Locust processes (--processes): the master merges their samples
+
+
+def start_rig(stack: ExitStack, tmp: Path, missing_share: float, ranges_dir: str, workers: int,
+              server_cpus: str | None, load_cpus: str | None, processes: int = 1) -> tuple[Rig, dict[str, str]]:
+    """The stand-in bucket and one `archeio serve` with every mirror on it (stopped with `stack`), and the settings."""
+    bucket_port, port = free_port(), free_port()
+    bucket = stack.enter_context(start_bucket(bucket_port, "--missing-share", str(missing_share),
+                                              cpus=load_cpus, log=tmp / "bucket.log"))
+    env = local_mirrors_env(tmp, bucket_port)
+    env.update({"ARCHEIO_RANGES_DIR": ranges_dir, "ARCHEIO_WORKERS": str(workers),
+                "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": str(missing_share)})
+    server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
+    return Rig(port, server.pid, bucket_port, bucket.pid, load_cpus, processes), env
+
+
 def run_baseline(rate: int, args: argparse.Namespace, port: int, nginx_pid: int, env: dict[str, str], out: Path,
                  load_cpus: str | None) -> dict[str, Any]:
     """The same Locust load against the fixed-307 nginx: what the generator alone adds to latency."""
     users, locust_env = step_env(rate, args, {**env, "BENCH_CHECK": "0"})
     cpu_before = cpu_seconds(nginx_pid)
     _, summary, aggregated = run_locust(port, locust_env, users, args.warmup + args.seconds,
-                                        out / f"nginx-{rate}", cpus=load_cpus)
+                                        out / f"nginx-{rate}", cpus=load_cpus, processes=args.processes)
     total = int(aggregated.get("Request Count") or 0)
     used = cpu_seconds(nginx_pid) - cpu_before
     return {
@@ -90,29 +118,37 @@ def run_baseline(rate: int, args: argparse.Namespace, port: int, nginx_pid: int,
     }
 
 
-def run_step(rate: int, args: argparse.Namespace, port: int, server_pid: int, bucket_port: int,
-             bucket_pid: int, env: dict[str, str], out: Path, load_cpus: str | None) -> dict[str, Any]:
-    wall = args.warmup + args.seconds
+def run_step(rate: int, args: argparse.Namespace, rig: Rig, env: dict[str, str], out: Path) -> dict[str, Any]:
     users, locust_env = step_env(rate, args, env)
-    heads_before = sum(bucket_counts(bucket_port).values())
-    cpu_before = cpu_seconds(server_pid)
-    bucket_before = cpu_seconds(bucket_pid)
+    return measure_step(rig, rate, users, locust_env, args.warmup + args.seconds, out / f"step-{rate}")
+
+
+def measure_step(rig: Rig, offered: float, users: int, locust_env: dict[str, str], wall: float,
+                 out: Path) -> dict[str, Any]:
+    """One Locust run against the rig, with the figures every step reports (and replays too)."""
+    heads_before = sum(bucket_counts(rig.bucket_port).values())
+    cpu_before = cpu_seconds(rig.server_pid)
+    bucket_before = cpu_seconds(rig.bucket_pid)
     busy_before, locust_before = machine_busy_seconds(), children_cpu_seconds()
-    status, summary, aggregated = run_locust(port, locust_env, users, wall, out / f"step-{rate}", cpus=load_cpus)
-    server_cpu = cpu_seconds(server_pid) - cpu_before
+    started = time.monotonic()
+    status, summary, aggregated = run_locust(rig.port, locust_env, users, wall, out, cpus=rig.load_cpus,
+                                             processes=rig.processes)
+    elapsed = time.monotonic() - started  # Locust's start-up included: the neighbours ran meanwhile too
+    server_cpu = cpu_seconds(rig.server_pid) - cpu_before
     # What everyone else on the machine used meanwhile: the noise this step ran in.
-    ours = server_cpu + (cpu_seconds(bucket_pid) - bucket_before) + (children_cpu_seconds() - locust_before)
+    ours = server_cpu + (cpu_seconds(rig.bucket_pid) - bucket_before) + (children_cpu_seconds() - locust_before)
     neighbours = machine_busy_seconds() - busy_before - ours
     total_requests = int(aggregated.get("Request Count") or 0)
-    heads = sum(bucket_counts(bucket_port).values()) - heads_before
+    heads = sum(bucket_counts(rig.bucket_port).values()) - heads_before
     if not summary:
-        raise RuntimeError(f"Locust wrote no summary for the {rate} req/s step; see {out}/step-{rate}/locust.log")
+        raise RuntimeError(f"Locust wrote no summary for the {offered:g} req/s step; see {out}/locust.log")
     achieved = summary["achieved_rps"]
     generator_busy = (summary["generator_cpu_share"] or 0) >= GENERATOR_CPU_LIMIT or summary["generator_cpu_warnings"]
     requests = summary["requests"]
     return {
-        "offered_rps": rate,
+        "offered_rps": offered,
         "users": users,
+        "processes": rig.processes,
         "achieved_rps": achieved,
         "requests": requests,
         "failures": summary["failures"],
@@ -124,14 +160,16 @@ def run_step(rate: int, args: argparse.Namespace, port: int, server_pid: int, bu
         "max_ms": summary["max_ms"],
         "locust_p99_ms": aggregated.get("99%"),
         "generator_cpu_share": summary["generator_cpu_share"],
+        "generator_cpu_cores": summary.get("generator_cpu_cores"),
         "generator_cpu_warnings": summary["generator_cpu_warnings"],
-        "driven": achieved >= DRIVEN_SHARE * rate and not generator_busy,
+        "driven": achieved >= DRIVEN_SHARE * offered and not generator_busy,
         "server_cpu_us_per_request": round(server_cpu / total_requests * 1e6, 1) if total_requests else None,
         "server_cpu_share": round(server_cpu / wall, 3),
         "bucket_heads": heads,
-        "neighbour_cpu_cores": round(max(0.0, neighbours) / wall, 2),
+        "neighbour_cpu_cores": round(max(0.0, neighbours) / elapsed, 2),
         "locust_exit": status,
         "failure_examples": summary["failure_examples"],
+        "lateness_ms": summary.get("lateness_ms"),
     }
 
 
@@ -168,7 +206,8 @@ def history_row(result: dict[str, Any]) -> dict[str, object]:
     steps, info = result["steps"], result["machine"]
     at_floor = next((s for s in steps if s["offered_rps"] == FLOOR_RATE), {})
     return {
-        "date": info["date"], "code": info["archeio_commit"], "load_average": info["load_average_at_start"][0],
+        "date": info["date"], "code": info["archeio_commit"], "cpu_model": info["cpu_model"],
+        "load_average": info["load_average_at_start"][0], "processes": result.get("processes", 1),
         "highest_driven_rps": max((s["offered_rps"] for s in steps if s["driven"]), default=None),
         "failures_driven": sum(s["failures"] for s in steps if s["driven"]),
         f"p99_ms_at_{FLOOR_RATE}": at_floor.get("p99_ms"),
@@ -203,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seconds of traffic at {PREWARM_RATE} req/s before the steps, to fill the existence "
                         "cache as in steady state (default 20; 0: start cold)")
     parser.add_argument("--workers", type=int, default=1, help="archeio worker processes (default 1)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="Locust processes (--processes: a master merging the samples of N workers; default 1)")
     parser.add_argument("--missing-share", type=float, default=0.05,
                         help="share of blobs missing from the mirrors (default 0.05)")
     parser.add_argument("--ranges-dir", default="",
@@ -223,13 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[dict[str, Any]] = []
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="archeio-latency-")))
-        bucket_port, port = free_port(), free_port()
-        bucket = stack.enter_context(start_bucket(bucket_port, "--missing-share", str(args.missing_share),
-                                                  cpus=load_cpus, log=tmp / "bucket.log"))
-        env = local_mirrors_env(tmp, bucket_port)
-        env.update({"ARCHEIO_RANGES_DIR": args.ranges_dir, "ARCHEIO_WORKERS": str(args.workers),
-                    "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": str(args.missing_share)})
-        server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
+        rig, env = start_rig(stack, tmp, args.missing_share, args.ranges_dir, args.workers, server_cpus, load_cpus,
+                             args.processes)
+        port, bucket_port = rig.port, rig.bucket_port
         nginx_port = free_port()
         nginx = None if args.no_baseline else stack.enter_context(
             start_nginx(tmp, nginx_port, f"http://{LOOPBACK}:{bucket_port}/cdn", server_cpus))
@@ -244,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  pre-warm: {args.prewarm} s at {first} req/s, {prewarm['bucket_heads']} existence HEADs, "
                   f"{prewarm['failures']} failures")
         for rate in (int(r) for r in args.rates.split(",")):
-            step = run_step(rate, args, port, server.pid, bucket_port, bucket.pid, env, tmp, load_cpus)
+            step = run_step(rate, args, rig, env, tmp)
             if nginx is not None:
                 step.update(run_baseline(rate, args, nginx_port, nginx.pid, env, tmp, load_cpus))
             steps.append(step)
@@ -261,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
 
     result = {
-        "machine": info, "layout": layout, "workers": args.workers,
+        "machine": info, "layout": layout, "workers": args.workers, "processes": args.processes,
         "ranges": args.ranges_dir or "embedded", "missing_share": args.missing_share,
         "seconds": args.seconds, "warmup": args.warmup, "user_rate": args.user_rate,
         "prewarm_seconds": args.prewarm, "prewarm": prewarm,

@@ -39,6 +39,7 @@ from fault_injection import mirror_heads, start_mirror
 from harness import (
     LOOPBACK,
     RESULTS,
+    append_history,
     can_pin,
     free_port,
     machine,
@@ -49,6 +50,7 @@ from harness import (
 )
 
 CONNECTIONS = 128
+BYTES_PER_ENTRY_FLOOR = 300
 EU_WEST_3 = "35.180.1.1"
 LONG_PATH_BYTES = 8000
 
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digests", type=int, default=1_000_000)
     parser.add_argument("--long-paths", type=int, default=40_000)
     parser.add_argument("--cache-size", type=int, default=200_000)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
 
     import uvloop
@@ -159,16 +162,22 @@ def main(argv: list[str] | None = None) -> int:
                                              lambda n: checkpoint("long paths", args.digests + n)))
             checkpoint("long paths done", args.digests + args.long_paths)
             info["long_path_statuses"] = long_statuses
-    report, ok = summarize(info, checkpoints, args.cache_size)
+    report, ok, figures = summarize(info, checkpoints, args.cache_size)
     print()
     print(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory-flood.json").write_text(json.dumps({**info, "checkpoints": checkpoints}, indent=2))
-    (RESULTS / "memory-flood.md").write_text(report)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "memory-flood.json").write_text(json.dumps({**info, **figures, "checkpoints": checkpoints},
+                                                               indent=2))
+    (args.results / "memory-flood.md").write_text(report)
+    append_history(args.results / "memory-flood-history.csv", {
+        "date": info["machine"]["date"], "code": info["machine"]["archeio_commit"],
+        "cpu_model": info["machine"]["cpu_model"], "cache_size": args.cache_size, "digests": args.digests,
+        **figures})
     return 0 if ok else 1
 
 
-def summarize(info: dict[str, Any], checkpoints: list[dict[str, Any]], cache_size: int) -> tuple[str, bool]:
+def summarize(info: dict[str, Any], checkpoints: list[dict[str, Any]],
+              cache_size: int) -> tuple[str, bool, dict[str, Any]]:
     start = checkpoints[0]
     full = next((c for c in checkpoints if c.get("hits", 0) >= cache_size and c.get("misses", 0) >= cache_size), None)
     digests_done = next(c for c in checkpoints if c["phase"] == "digests done")
@@ -186,6 +195,7 @@ def summarize(info: dict[str, Any], checkpoints: list[dict[str, Any]], cache_siz
     lines += [f"| {c['phase']} | {c['requests']:,} | {c['rss_mb']} | {c.get('hits', '')} | {c.get('misses', '')} "
               f"| {c['seconds']} |" for c in checkpoints]
     ok = True
+    figures: dict[str, Any] = {"bytes_per_configured_entry": None, "floor_bytes": BYTES_PER_ENTRY_FLOOR}
     lines.append("")
     if full is None:
         lines.append("The caches never filled: raise --digests or lower --cache-size.")
@@ -210,8 +220,13 @@ def summarize(info: dict[str, Any], checkpoints: list[dict[str, Any]], cache_siz
             f"- Statuses: digests {info['digest_statuses']}, long paths {info['long_path_statuses']}.",
         ]
         ok = late_growth <= max(4.0, 0.02 * growth) and long_growth <= 16
+        figures.update({"bytes_per_configured_entry": round(per_configured),
+                        "bytes_per_entry_filling": round(per_entry), "growth_mb": round(growth, 1),
+                        "late_growth_mb": round(late_growth, 1), "long_path_growth_mb": round(long_growth, 1)})
+        lines.append(f"- Floor (issue 13): <= {BYTES_PER_ENTRY_FLOOR} bytes of RSS per configured entry: "
+                     f"{'met' if per_configured <= BYTES_PER_ENTRY_FLOOR else 'NOT met'}.")
     lines += ["", "Verdict: " + ("bounded." if ok else "NOT BOUNDED as configured."), ""]
-    return "\n".join(lines), ok
+    return "\n".join(lines), ok, figures
 
 
 if __name__ == "__main__":

@@ -83,7 +83,3 @@ def in_mirrors(digest: str, missing_share: float) -> bool:
     """
     bucket = int(hashlib.sha256(b"missing:" + digest.encode()).hexdigest()[:8], 16) % 10_000
     return bucket >= missing_share * 10_000
-
-
-def all_blobs(catalog: list[Image]) -> set[str]:
-    return {blob for image in catalog for blob in image.blobs}
