@@ -3,7 +3,9 @@
 Both HTTP engines report each connection's state here, so the limit and
 the deadlines hold the same way whichever engine speaks the wire:
 
-- IDLE: nothing received of a next request, nothing owed to the client;
+- IDLE: nothing received of a next request, nothing owed to the client
+  (an engine may leave a connection IDLE while it answers a request within
+  one callback: nothing can close it meanwhile);
 - READING: part of a request has arrived, or a new connection has not yet
   sent its first request: the header deadline runs;
 - BUSY: the connection holds a request we accepted and have not answered

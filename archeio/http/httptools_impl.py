@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from ..routing import Decision, LocalAnswer, oci_error
-from .connections import BUSY, IDLE, READING, ConnectionTracker
+from .connections import BUSY, IDLE, ConnectionTracker
 
 if TYPE_CHECKING:
     from ..app import PendingCheck, RequestFlow
@@ -256,8 +256,8 @@ class HttpToolsProtocol(asyncio.Protocol):
                 if not self._input_closed:  # bytes after `Connection: close` are ignored
                     self._refuse(self._too_large or 400)
             else:
-                if self._head_began_at >= 0 and self._fed - self._head_began_at > self._engine.max_head_bytes:
-                    self._refuse(431)
+                if self._head_began_at >= 0:
+                    self._head_in_progress()
             if self._queue:
                 self._update_reading()
         out = self._out
@@ -291,8 +291,15 @@ class HttpToolsProtocol(asyncio.Protocol):
             if not self._input_closed:  # bytes after `Connection: close` are ignored
                 self._refuse(self._too_large or 400)
             return
-        if self._head_began_at >= 0 and self._fed - self._head_began_at > self._engine.max_head_bytes:
+        if self._head_began_at >= 0:
+            self._head_in_progress()
+
+    def _head_in_progress(self) -> None:
+        """A read ended inside a request's head: its deadline runs; it may not grow without bound."""
+        if self._fed - self._head_began_at > self._engine.max_head_bytes:
             self._refuse(431)
+        elif self.state == IDLE:
+            self._tracker.reading(self)
 
     def _refuse(self, status: int) -> None:
         """End the input with an error answer, sent after every answer owed before it."""
@@ -314,12 +321,6 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._flags = 0
         self._header_bytes = 0
         self._head_began_at = self._fed_before
-        if self.state == IDLE:
-            # tracker.reading(self), inline: once per request on the hot path.
-            tracker = self._tracker
-            del tracker._idle[self]
-            self.state = READING
-            tracker._reading[self] = self._loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -368,19 +369,15 @@ class HttpToolsProtocol(asyncio.Protocol):
             self._accept(KEEP)
 
     def _accept(self, mode: int) -> None:
+        # An accepted request answered before this call returns never shows
+        # in the tracker: nothing can close the connection meanwhile. One
+        # that waits (queued, or for a check) makes the connection BUSY.
         if mode == CLOSE:
             self._input_closed = True
-        state = self.state
-        if state != BUSY:
-            # tracker.accepted(self), inline.
-            tracker = self._tracker
-            if state == READING:
-                del tracker._reading[self]
-            else:
-                del tracker._idle[self]
-            self.state = BUSY
         method = _METHODS.get(self._parser.get_method(), "OTHER")
         if self._queue or self._waiting or self._answered >= BUDGET:
+            if self.state != BUSY:
+                self._tracker.accepted(self)
             self._queue.append((method, self._url, self._forwarded, mode, self._trace))
             if not self._waiting:
                 self._schedule_turn()
@@ -402,6 +399,8 @@ class HttpToolsProtocol(asyncio.Protocol):
             response = self._wire.answer(outcome, method == "HEAD", mode)  # type: ignore[arg-type]
         else:
             self._waiting = True
+            if self.state != BUSY:
+                self._tracker.accepted(self)
             self._tracker.awaiting_check += 1
             self._engine.track(self._loop.create_task(
                 self._answer_later(outcome, method == "HEAD", mode)  # type: ignore[arg-type]
@@ -413,12 +412,13 @@ class HttpToolsProtocol(asyncio.Protocol):
             self._queue.clear()
         elif not self._queue and not self._waiting:
             tracker = self._tracker
-            if tracker.closing or self._head_began_at >= 0:
-                tracker.answered(self, self._head_began_at >= 0)
+            if self.state == IDLE and not tracker.closing:
+                # Idle before and after: tracker.touch(self), inline.
+                idle = tracker._idle
+                idle.move_to_end(self)
+                idle[self] = self._loop.time()
             else:
-                # tracker.answered(self), inline: nothing owed, nothing being read.
-                self.state = IDLE
-                tracker._idle[self] = self._loop.time()
+                tracker.answered(self, self._head_began_at >= 0)
 
     def _respond(self, response: bytes, mode: int) -> None:
         self._out.append(response)
