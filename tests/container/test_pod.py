@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from ..conftest import GOOGLE_CLOUD, free_port
-from ..deploy_support import by_kind, container, env_of, kubectls, render
+from ..deploy_support import OLDEST_MINOR, by_kind, container, env_of, kubectls, render
 from ..integration.services import MissingTool, wait_until
 from ..ops_support import BLOB, http_get, xff
 from .podman import Container, Podman, podman_messages
@@ -42,7 +42,7 @@ SIDECAR = "ranges-updater"
 def podman_deployment(image: str, port: int, admin_port: int, closed_port: int) -> dict[str, Any]:
     """The rendered Deployment with only the changes the module docstring lists."""
     try:
-        kubectl = kubectls()[20]
+        kubectl = kubectls()[OLDEST_MINOR]
     except MissingTool as exc:
         pytest.fail(str(exc), pytrace=False)
     deployment = by_kind(render(kubectl, OVERLAY))["Deployment"]
