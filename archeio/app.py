@@ -1,11 +1,18 @@
-"""The request flow of the public port: from a parsed request to response bytes.
+"""The request flow of the public port: from a parsed request to a decision.
 
-`Frontend.respond` runs the whole flow of docs/request-handling.md for one
-request and returns the bytes to send, or None when the answer needs an
-existence check first (then `respond_after_check` is awaited). Keeping the
-synchronous path free of coroutines is what makes the hot path cheap: a blob
-whose existence is cached, and every manifest, is answered without creating
-a task.
+`RequestFlow.respond` runs the whole flow of docs/request-handling.md for
+one request and returns what to answer, as data:
+
+- a `LocalAnswer` (status, body, headers) that we give ourselves;
+- a `Decision`, which is always a 307 to `decision.location`;
+- a `PendingCheck` when a blob's answer needs an existence HEAD first; the
+  engine then awaits `respond_after_check(pending)` for the decision.
+
+No HTTP bytes are made here: reason phrases, the Date header, keep-alive
+and `Connection` lines belong to the engines (archeio/http/), which render
+and cache them as they see fit. Keeping the synchronous path free of
+coroutines is what makes the hot path cheap: a blob whose existence is
+cached, and every manifest, is decided without creating a task.
 
 Everything here is per process: the range index (swapped whole on reload),
 the router, the existence cache, and plain counters that the metrics
@@ -18,7 +25,7 @@ import logging
 import random
 import time
 from collections import Counter
-from email.utils import formatdate
+from typing import NamedTuple
 
 from iprange import CloudIndex, InvalidAddress, Placement
 
@@ -38,51 +45,33 @@ from .routing import (
 log = logging.getLogger("archeio")
 access_log = logging.getLogger("archeio.access")
 
+# The route kind of answers the HTTP layer gives before any routing (a
+# malformed request, a request line or headers over their limits): the
+# `kind` label of their metrics.
+HTTP = "http"
+
 # What an access log line needs beyond the decision: (start time, X-Forwarded-For,
 # peer address, X-Cloud-Trace-Context); only built for sampled requests.
 AccessContext = tuple[float, str | None, str | None, bytes | None]
 
-_REASONS = {
-    200: b"OK",
-    307: b"Temporary Redirect",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
+
+class PendingCheck(NamedTuple):
+    """A blob request whose answer waits for an existence check of `mirror`."""
+
+    method: str
+    path: str
+    query: str
+    route: Route
+    placement: Placement | None
+    mirror: str
+    request: AccessContext | None
 
 
-def render(status: int, headers: bytes, body: bytes, head: bool, keep_alive: bool, date: bytes) -> bytes:
-    """One HTTP/1.1 response. `headers` is preformatted `Name: value\\r\\n` lines."""
-    return b"".join((
-        b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
-        headers,
-        b"Content-Length: %d\r\n" % len(body),
-        date,
-        b"" if keep_alive else b"Connection: close\r\n",
-        b"\r\n",
-        b"" if head else body,
-    ))
+# What `respond` returns: an answer of our own, a redirect, or a check to await.
+Outcome = LocalAnswer | Decision | PendingCheck
 
 
-def _answer_headers(answer: LocalAnswer) -> bytes:
-    lines = b""
-    if answer.location is not None:
-        lines += b"Location: " + answer.location.encode("ascii") + b"\r\n"
-    if answer.content_type is not None:
-        lines += b"Content-Type: " + answer.content_type.encode("ascii") + b"\r\n"
-    if answer.status == 200:
-        # Tells clients this is a registry; they then skip the token dance.
-        lines += b"Docker-Distribution-Api-Version: registry/2.0\r\n"
-    if answer.status == 405:
-        lines += b"Allow: GET, HEAD\r\n"
-    return lines
-
-
-class Frontend:
+class RequestFlow:
     """Per-process state and request flow of the public port."""
 
     def __init__(self, settings: Settings, index: CloudIndex, cache: BlobExistenceCache) -> None:
@@ -94,64 +83,59 @@ class Frontend:
         self._trusted_hops = settings.trusted_hops
         self._use_forwarded = settings.use_forwarded
         self._access_sample = settings.access_log
-        self._answer_headers: dict[int, bytes] = {}
         # (route kind, decision backend, status) -> count; read by metrics.
         self.requests: Counter[tuple[str, str, int]] = Counter()
         # (cloud, region or "", backend) -> count of blob decisions.
         self.blob_decisions: Counter[tuple[str, str, str]] = Counter()
-        self.date = b""
-        self.tick()
-
-    def tick(self) -> None:
-        """Refresh the cached Date header; the server calls this every second."""
-        self.date = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
 
     def swap_index(self, index: CloudIndex) -> None:
         """Replace the range index whole: requests see the old or the new one."""
         self.index = index
         self.index_loaded_at = time.time()
 
-    # -- responses -------------------------------------------------------
+    def refused(self, status: int) -> None:
+        """Count an answer the HTTP layer gave before routing (400, 414, 431, 503)."""
+        self.requests[(HTTP, LOCAL, status)] += 1
 
-    def answer(self, answer: LocalAnswer, head: bool, keep_alive: bool) -> bytes:
-        headers = self._answer_headers.get(id(answer))
-        if headers is None:
-            headers = self._answer_headers[id(answer)] = _answer_headers(answer)
-        return render(answer.status, headers, answer.body, head, keep_alive, self.date)
+    # -- metrics ------------------------------------------------------------
 
-    def redirect(self, location: str, keep_alive: bool) -> bytes:
-        return b"".join((
-            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: ",
-            location.encode("ascii"),
-            b"\r\nContent-Length: 0\r\n",
-            self.date,
-            b"\r\n" if keep_alive else b"Connection: close\r\n\r\n",
-        ))
+    def request_rows(self) -> list[list[object]]:
+        return [[k, b, s, n] for (k, b, s), n in self.requests.items()]
 
-    # -- the flow --------------------------------------------------------
+    def blob_rows(self) -> list[list[object]]:
+        return [[c, r, b, n] for (c, r, b), n in self.blob_decisions.items()]
+
+    # -- the flow -------------------------------------------------------------
 
     def respond(
         self, method: str, path: str, query: str, forwarded: str | None, peer: str | None,
-        keep_alive: bool, trace: bytes | None = None,
-    ) -> bytes | tuple[Route, Placement | None, str]:
-        """Response bytes, or (route, placement, mirror) when a HEAD is needed."""
+        trace: bytes | None = None,
+    ) -> Outcome:
+        """The decision for one request; a `PendingCheck` when a HEAD is needed.
+
+        `path` and `query` are the raw request target split at the first
+        '?', bytes as latin-1 characters; `forwarded` is every
+        X-Forwarded-For line joined in order with commas.
+        """
         request = (time.perf_counter(), forwarded, peer, trace) if self._access_sample else None
         route = self.router.classify(method, path)
         if type(route) is LocalAnswer:
             self.requests[("other", LOCAL, route.status)] += 1
-            self._log(method, path, query, route.status, "other", LOCAL, None, None, request)
-            return self.answer(route, method == "HEAD", keep_alive)
+            if request is not None:
+                self._log(method, path, query, route.status, "other", LOCAL, None, None, request)
+            return route
         assert isinstance(route, Route)
         if route.kind != BLOB or route.digest is None:
             decision = self.router.upstream_location(route, query)
-            return self._redirect(method, path, query, route, decision, None, keep_alive, request)
+            return self._redirect(method, path, query, route, decision, None, request)
 
         address = client_ip(forwarded, peer, self._trusted_hops) if self._use_forwarded else peer
         placement = self._placement(address) if address else False
         if placement is False:
             self.requests[(BLOB, LOCAL, 400)] += 1
-            self._log(method, path, query, 400, BLOB, LOCAL, None, None, request)
-            return self.answer(CLIENT_IP_INVALID, method == "HEAD", keep_alive)
+            if request is not None:
+                self._log(method, path, query, 400, BLOB, LOCAL, None, None, request)
+            return CLIENT_IP_INVALID
         assert placement is not True
         mirror = self.router.mirror_for(placement)
         if mirror is None:
@@ -159,23 +143,19 @@ class Frontend:
         else:
             found = self.cache.cached(mirror, route.digest)
             if found is None:
-                return route, placement, mirror
+                return PendingCheck(method, path, query, route, placement, mirror, request)
         decision = self.router.decide(route, query, placement, found)
-        return self._redirect(method, path, query, route, decision, placement, keep_alive, request)
+        return self._redirect(method, path, query, route, decision, placement, request)
 
-    async def respond_after_check(
-        self, method: str, path: str, query: str, route: Route, placement: Placement | None,
-        mirror: str, keep_alive: bool, client: tuple[str | None, str | None, bytes | None] | None = None,
-    ) -> bytes:
-        """The blob answer once the mirror has been asked.
-
-        `client` is (X-Forwarded-For, peer, X-Cloud-Trace-Context), for the access log.
-        """
+    async def respond_after_check(self, pending: PendingCheck) -> Decision:
+        """The blob's decision once the mirror has been asked."""
+        route = pending.route
         assert route.digest is not None
-        request = (time.perf_counter(), *client) if self._access_sample and client else None
-        found = await self.cache.check(mirror, route.digest)
-        decision = self.router.decide(route, query, placement, found)
-        return self._redirect(method, path, query, route, decision, placement, keep_alive, request)
+        found = await self.cache.check(pending.mirror, route.digest)
+        decision = self.router.decide(route, pending.query, pending.placement, found)
+        return self._redirect(
+            pending.method, pending.path, pending.query, route, decision, pending.placement, pending.request
+        )
 
     def _placement(self, address: str) -> Placement | None | bool:
         """The client's placement; False if the address is not an address."""
@@ -194,8 +174,8 @@ class Frontend:
 
     def _redirect(
         self, method: str, path: str, query: str, route: Route, decision: Decision,
-        placement: Placement | None, keep_alive: bool, request: AccessContext | None = None,
-    ) -> bytes:
+        placement: Placement | None, request: AccessContext | None,
+    ) -> Decision:
         self.requests[(route.kind, decision.backend, 307)] += 1
         if route.kind == BLOB:
             if placement is None:
@@ -205,14 +185,14 @@ class Frontend:
         if request is not None:
             self._log(method, path, query, 307, route.kind, decision.backend, placement, decision.location,
                       request)
-        return self.redirect(decision.location, keep_alive)
+        return decision
 
     def _log(
         self, method: str, path: str, query: str, status: int, kind: str, backend: str,
-        placement: Placement | None, location: str | None, request: AccessContext | None,
+        placement: Placement | None, location: str | None, request: AccessContext,
     ) -> None:
         """One access log line as Google Cloud Logging reads it, for a sampled share."""
-        if request is None or random.random() >= self._access_sample:
+        if random.random() >= self._access_sample:
             return
         started, forwarded, peer, trace = request
         url = path + ("?" + query if query else "")

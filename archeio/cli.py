@@ -1,4 +1,4 @@
-"""The `archeio` command line: `serve`, `settings`, `mirror`.
+"""The `archeio` command line: `serve`, `settings`, `mirror`, `explain`.
 
 Only argument handling lives here; `server` runs things. A configuration
 error prints one line naming the variable and exits with status 2.
@@ -11,7 +11,10 @@ import sys
 
 from iprange import RangeFileError
 
+from . import signals
 from .config import ConfigError, add_arguments, load_settings, settings_table
+from .explain import add_arguments as add_explain_arguments
+from .explain import run as run_explain
 from .mirror.cli import add_arguments as add_mirror_arguments
 from .mirror.cli import run as run_mirror
 
@@ -27,16 +30,30 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     commands.add_parser("settings", help="print the table of every setting (Markdown)")
     add_mirror_arguments(commands.add_parser("mirror", help="copy blobs from a registry into S3 buckets"))
+    add_explain_arguments(commands.add_parser(
+        "explain", help="say where a request would be sent, and why",
+        usage="archeio explain [--client IP] [--forwarded 'A, B'] [--no-check] [--json] [settings] TARGET",
+        description="Explain this deployment's answer to one request: its kind and grammar, the client "
+        "address taken, the range entry, the mirror and why, the live existence check of a blob, and "
+        "the final status and Location. Reads the same settings as `serve`.",
+    ))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # Before anything slow: a SIGHUP or SIGTERM during start-up is held
+        # until the server can act on it, never fatal (signals.py).
+        signals.hold()
     args = _parser().parse_args(argv)
     if args.command == "settings":
         print(settings_table())
         return 0
     if args.command == "mirror":
         return run_mirror(args)
+    if args.command == "explain":
+        return run_explain(args)
     from .logs import setup_logging
     from .workers import serve
 

@@ -15,18 +15,35 @@ the client: a direct connection, as in development.
 from __future__ import annotations
 
 
+def forwarded_entries(forwarded: str) -> list[str]:
+    """The entries of an X-Forwarded-For value, split on commas, spaces and tabs.
+
+    Only those: HTTP's optional whitespace is space and tab. `str.split()`
+    would also split on characters such as U+00A0, which a client can put in
+    the header to hide an entry from us that an HTTP parser keeps.
+    """
+    return [entry for entry in forwarded.replace(",", " ").replace("\t", " ").split(" ") if entry]
+
+
+def client_entry(entries: list[str], trusted_hops: int) -> int | None:
+    """Which entry is the client's: the one before the trusted proxies' own; None if too few."""
+    if len(entries) <= trusted_hops:
+        return None
+    return len(entries) - 1 - trusted_hops
+
+
 def client_ip(forwarded: str | None, peer: str | None, trusted_hops: int) -> str | None:
     """The client's address as a string, or None if it cannot be determined.
 
-    Entries are split on commas and spaces; the returned string is not
-    validated here (the range index refuses what is not an address).
+    The returned string is not validated here (the range index refuses what
+    is not an address). `archeio explain` uses the same two pieces to say
+    which entry was taken.
     """
     if forwarded:
-        entries = forwarded.replace(",", " ").split()
+        entries = forwarded_entries(forwarded)
         if entries:
-            if len(entries) <= trusted_hops:
-                return None
-            return entries[-1 - trusted_hops]
+            index = client_entry(entries, trusted_hops)
+            return None if index is None else entries[index]
     return peer
 
 

@@ -83,6 +83,21 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _positive_seconds(value: str) -> float:
+    """A duration that bounds a wait: 0 would mean "wait for ever" to aiohttp and asyncio."""
+    number = float(value)
+    if not 0 < number < 1e9:
+        raise ValueError("must be a number of seconds greater than 0")
+    return number
+
+
+def _http_engine(value: str) -> str:
+    engine = value.strip().lower()
+    if engine not in ("httptools", "aiohttp"):
+        raise ValueError("must be httptools or aiohttp")
+    return engine
+
+
 def _fraction(value: str) -> float:
     number = float(value)
     if not 0 <= number <= 1:
@@ -133,6 +148,8 @@ class Setting:
     default: str
     parse: Callable[[str], Any]
     help: str
+    # How each HTTP engine honours it, where they differ ("" where both do alike).
+    engines: str = ""
 
     @property
     def flag(self) -> str:
@@ -142,6 +159,11 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("port", "PORT", "8080", _port, "Public HTTP port (upstream's variable)."),
     Setting("host", "ARCHEIO_HOST", "0.0.0.0", str, "Address the public port binds to."),
+    Setting(
+        "http", "ARCHEIO_HTTP", "httptools", _http_engine,
+        "HTTP engine of the public port: `httptools` (our lean protocol, the fastest) or `aiohttp` "
+        "(aiohttp's server, battle-tested); the same answers, limits and metrics.",
+    ),
     Setting(
         "upstream_registry_endpoint", "UPSTREAM_REGISTRY_ENDPOINT",
         "https://us-central1-docker.pkg.dev", _base_url,
@@ -177,15 +199,15 @@ SETTINGS: tuple[Setting, ...] = (
         "Take the client address from X-Forwarded-For (false: always the peer address).",
     ),
     Setting(
-        "cache_hit_ttl", "ARCHEIO_CACHE_HIT_TTL", "3600", _seconds,
+        "cache_hit_ttl", "ARCHEIO_CACHE_HIT_TTL", "3600", _positive_seconds,
         "Seconds a blob found in a mirror is remembered.",
     ),
     Setting(
-        "cache_miss_ttl", "ARCHEIO_CACHE_MISS_TTL", "60", _seconds,
+        "cache_miss_ttl", "ARCHEIO_CACHE_MISS_TTL", "60", _positive_seconds,
         "Seconds a blob missing from a mirror is remembered (at most one HEAD per blob and mirror in that time).",
     ),
     Setting(
-        "cache_error_ttl", "ARCHEIO_CACHE_ERROR_TTL", "5", _seconds,
+        "cache_error_ttl", "ARCHEIO_CACHE_ERROR_TTL", "5", _positive_seconds,
         "Seconds a failed or timed-out check is remembered as 'not there'.",
     ),
     Setting(
@@ -193,7 +215,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Entries in each of the hit and miss caches (bounds memory: about 650 bytes an entry, measured).",
     ),
     Setting(
-        "head_timeout", "ARCHEIO_HEAD_TIMEOUT", "1.0", _seconds,
+        "head_timeout", "ARCHEIO_HEAD_TIMEOUT", "1.0", _positive_seconds,
         "Deadline in seconds for one existence HEAD to a mirror (upstream: 5).",
     ),
     Setting(
@@ -205,28 +227,35 @@ SETTINGS: tuple[Setting, ...] = (
         "Consecutive failed HEADs that open a mirror's circuit breaker.",
     ),
     Setting(
-        "breaker_cooldown", "ARCHEIO_BREAKER_COOLDOWN", "10", _seconds,
+        "breaker_cooldown", "ARCHEIO_BREAKER_COOLDOWN", "10", _positive_seconds,
         "Seconds an open breaker sends that mirror's blobs upstream before probing it again.",
     ),
     Setting(
-        "header_timeout", "ARCHEIO_HEADER_TIMEOUT", "2", _seconds,
-        "Seconds a client has to send a request's headers (upstream: read-header 2 s).",
+        "header_timeout", "ARCHEIO_HEADER_TIMEOUT", "2", _positive_seconds,
+        "Seconds a client has to send a request's headers (upstream: read-header 2 s); "
+        "the connection closes, and at the connection limit one past half of it may be closed.",
+        "both: our tracker closes the connection, no answer",
     ),
     Setting(
-        "keepalive_timeout", "ARCHEIO_KEEPALIVE_TIMEOUT", "620", _seconds,
+        "keepalive_timeout", "ARCHEIO_KEEPALIVE_TIMEOUT", "620", _positive_seconds,
         "Seconds an idle keep-alive connection is kept (above Google's load balancer's 600 s).",
+        "both (aiohttp's own keep-alive timeout too)",
     ),
     Setting(
         "max_connections", "ARCHEIO_MAX_CONNECTIONS", "20000", _positive_int,
-        "Open client connections at most per worker; the oldest idle one is closed beyond that.",
+        "Open client connections at most per worker. A new one beyond it closes the longest-idle "
+        "connection, else one past half its header deadline, else the newcomer itself.",
+        "both: our tracker",
     ),
     Setting(
         "max_request_line", "ARCHEIO_MAX_REQUEST_LINE", "8192", _positive_int,
         "Longest request target in bytes (longer: 414).",
+        "httptools: the target, 414; aiohttp: the whole request line (target + 32 bytes), 400",
     ),
     Setting(
         "max_header_bytes", "ARCHEIO_MAX_HEADER_BYTES", "16384", _positive_int,
         "Most bytes of request headers (more: 431).",
+        "httptools: all headers together, 431; aiohttp: each header line, 400 (at most 128 lines)",
     ),
     Setting("log_level", "ARCHEIO_LOG_LEVEL", "info", _log_level, "debug, info, warning or error."),
     Setting(
@@ -259,8 +288,9 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds to keep serving after SIGTERM while /readyz fails, so load balancers stop sending.",
     ),
     Setting(
-        "grace_period", "ARCHEIO_GRACE_PERIOD", "5", _seconds,
+        "grace_period", "ARCHEIO_GRACE_PERIOD", "5", _positive_seconds,
         "Seconds in-flight requests get to finish once the port stops accepting (upstream: 5).",
+        "both",
     ),
 )
 
@@ -312,6 +342,7 @@ class Settings:
 
     port: int
     host: str
+    http: str
     upstream_registry_endpoint: str
     upstream_registry_path: str
     signature_upstream_endpoint: str
@@ -392,7 +423,10 @@ def load_settings(
 
 def settings_table() -> str:
     """The README's Markdown table of every setting."""
-    rows = ["| variable | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    rows = [
+        "| variable | flag | default | meaning | engines: how honoured |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for s in SETTINGS:
-        rows.append(f"| `{s.env}` | `{s.flag}` | `{s.default}` | {s.help} |")
+        rows.append(f"| `{s.env}` | `{s.flag}` | `{s.default}` | {s.help} | {s.engines} |")
     return "\n".join(rows)

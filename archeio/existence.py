@@ -14,19 +14,26 @@ waits up to 5 s on a slow bucket. Here:
   in a row its blobs go upstream without a HEAD for `breaker_cooldown`
   seconds, then one probe decides whether it is used again.
 
-This module owns the one `aiohttp.ClientSession` of the process.
+This module owns the one `aiohttp.ClientSession` of the process. It opens
+it at the first HEAD, not at start-up: importing aiohttp's client costs
+more than the rest of start-up, and most requests never need it. The server
+warms the import in a thread once it listens (`warm_client`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import aiohttp
 from cachetools import TLRUCache, TTLCache
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("archeio.existence")
 
@@ -129,7 +136,12 @@ class BlobExistenceCache:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the shared client session (one per process, pooled)."""
+        """Ready for checks; the client session opens at the first HEAD."""
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        """The shared client session (one per process, pooled)."""
+        import aiohttp
+
         connector = aiohttp.TCPConnector(
             limit=self._head_concurrency, ttl_dns_cache=300, keepalive_timeout=30
         )
@@ -140,6 +152,7 @@ class BlobExistenceCache:
             skip_auto_headers=("User-Agent",),
             headers={"User-Agent": "archeio"},
         )
+        return self._session
 
     async def close(self) -> None:
         if self._session is not None:
@@ -213,12 +226,14 @@ class BlobExistenceCache:
         return found
 
     async def _head(self, mirror: str, digest: str) -> bool:
-        assert self._session is not None, "BlobExistenceCache.start() was not awaited"
+        import aiohttp
+
+        session = self._session if self._session is not None else self._open_session()
         key = (mirror, digest)
         url = f"{mirror}/containers/images/{digest}"
         started = time.monotonic()
         try:
-            async with self._session.head(url, allow_redirects=False) as response:
+            async with session.head(url, allow_redirects=False) as response:
                 status = response.status
         except TimeoutError:
             outcome = TIMEOUT
@@ -244,3 +259,12 @@ class BlobExistenceCache:
             return True
         self._misses[key] = MISS if outcome == MISS else ERROR
         return False
+
+
+def warm_client() -> None:
+    """Import aiohttp's client in a thread, so the first HEAD does not wait for it."""
+    threading.Thread(target=_import_client, name="archeio-warm-client", daemon=True).start()
+
+
+def _import_client() -> None:
+    import aiohttp  # noqa: F401

@@ -1,17 +1,21 @@
-"""Prometheus metrics, read from the plain counters the request path already keeps.
+"""Prometheus metrics, from the plain counters the request path already keeps.
 
-Why not prometheus-client counters on the hot path: `.labels(...).inc()`
-costs a dictionary lookup, a lock and an object per call, more than a whole
-cached redirect. The request path only bumps `collections.Counter`s
-(`Frontend.requests`, `Frontend.blob_decisions`, `BlobExistenceCache.outcomes`);
-this module turns them into metric families when Prometheus scrapes.
+Why no metrics library on the hot path: `prometheus_client`'s
+`.labels(...).inc()` costs a dictionary lookup, a lock and an object per
+call, more than a whole cached redirect. The flow, the engines and the
+existence cache only bump plain counters; this module turns them into the
+Prometheus text format when somebody scrapes. It renders that format itself
+(a few dozen lines), so neither a serving process nor the supervisor imports
+a metrics library: start-up stays short and the supervisor small.
 
-Everything a process knows is first flattened into a *snapshot*, a plain
-JSON-able dict. With one process the admin port renders the live snapshot;
-with several workers each worker writes its snapshot to a file once a
-second (atomic rename) and the supervisor's admin port renders all of them
-summed (see workers.py). One rendering path serves both, so single- and
-multi-process metrics cannot drift apart.
+Each component hands its numbers to the process's `Exporter` as a named
+part (a function returning plain data); the exporter knows nothing of
+servers, engines or reloaders, only of those parts. A *snapshot* is all the
+parts of one process at one moment, a JSON-able dict. With one process the
+admin port renders the live snapshot; with several workers each worker
+sends its snapshot to the supervisor once a second (workers.py) and the
+supervisor renders all of them summed. One rendering path serves both, so
+single- and multi-process metrics cannot drift apart.
 
 Counters are summed over workers; per-worker facts that must not be summed
 (range data, memory, CPU) carry a `worker` label.
@@ -20,27 +24,12 @@ Counters are summed over workers; per-worker facts that must not be summed
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import resource
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
-from .existence import COALESCED
-
-if TYPE_CHECKING:
-    from .server import Server
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 Snapshot = dict[str, Any]
 
@@ -49,33 +38,34 @@ Snapshot = dict[str, Any]
 # and the default deadline is 1 s.
 CHECK_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# The outcome of a check that shared another's HEAD: no HEAD of its own.
+_COALESCED = "coalesced"
+
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-class WorkerStats:
-    """Per-process numbers that have no home in the request path's objects."""
+class CheckLatency:
+    """The histogram of existence HEAD durations, by outcome."""
 
     def __init__(self) -> None:
         # outcome -> counts per bucket (the last one is +Inf), and sum of seconds.
-        self.check_buckets: dict[str, list[int]] = {}
-        self.check_seconds: dict[str, float] = {}
-        # (cloud, reload outcome) -> count; see reload.py.
-        self.reloads: Counter[tuple[str, str]] = Counter()
+        self.buckets: dict[str, list[int]] = {}
+        self.seconds: dict[str, float] = {}
 
     def on_check(self, mirror: str, outcome: str, seconds: float) -> None:
-        """BlobExistenceCache's hook, once per HEAD (not per cached answer)."""
-        if outcome == COALESCED:
+        """BlobExistenceCache's hook, once per check that needed the mirror."""
+        if outcome == _COALESCED:
             return  # a shared wait, not a HEAD of its own
-        buckets = self.check_buckets.get(outcome)
+        buckets = self.buckets.get(outcome)
         if buckets is None:
-            buckets = self.check_buckets[outcome] = [0] * (len(CHECK_BUCKETS) + 1)
+            buckets = self.buckets[outcome] = [0] * (len(CHECK_BUCKETS) + 1)
         for i, bound in enumerate(CHECK_BUCKETS):
             if seconds <= bound:
                 buckets[i] += 1
                 break
         else:
             buckets[-1] += 1
-        self.check_seconds[outcome] = self.check_seconds.get(outcome, 0.0) + seconds
+        self.seconds[outcome] = self.seconds.get(outcome, 0.0) + seconds
 
 
 def published_timestamp(serial: str) -> float | None:
@@ -94,7 +84,7 @@ def published_timestamp(serial: str) -> float | None:
     return None
 
 
-def _resident_bytes() -> int:
+def resident_bytes() -> int:
     try:
         with open("/proc/self/statm", "rb") as statm:
             return int(statm.read().split()[1]) * _PAGE_SIZE
@@ -102,67 +92,39 @@ def _resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def snapshot(server: Server, worker: str) -> Snapshot:
-    """Everything the metrics need from one serving process, as plain data."""
-    frontend, connections = server.frontend, server.connections
-    snap: Snapshot = {
-        "worker": worker,
-        "pid": os.getpid(),
-        "time": time.time(),
-        "ready": server.ready,
-        "reloads": [[c, o, n] for (c, o), n in server.stats.reloads.items()],
-        "check_buckets": server.stats.check_buckets,
-        "check_seconds": dict(server.stats.check_seconds),
-        "rss_bytes": _resident_bytes(),
-        "cpu_seconds": time.process_time(),
-    }
-    if frontend is None or connections is None:
+class Exporter:
+    """The snapshot of one process, assembled from the parts its components provide."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self._parts: dict[str, Callable[[], Any]] = {}
+
+    def provide(self, name: str, part: Callable[[], Any]) -> None:
+        """`part()` gives the current value of snapshot key `name` (plain data)."""
+        self._parts[name] = part
+
+    def snapshot(self) -> Snapshot:
+        snap: Snapshot = {
+            "worker": self.worker,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "rss_bytes": resident_bytes(),
+            "cpu_seconds": time.process_time(),
+        }
+        for name, part in self._parts.items():
+            snap[name] = part()
         return snap
-    cache = frontend.cache
-    index = frontend.index
-    loaded_at = server.reloader.loaded_at if server.reloader is not None else {}
-    snap.update({
-        "requests": [[k, b, s, n] for (k, b, s), n in frontend.requests.items()],
-        "blob_decisions": [[c, r, b, n] for (c, r, b), n in frontend.blob_decisions.items()],
-        "checks": dict(cache.outcomes),
-        "cache": cache.sizes,
-        "breakers": {mirror: breaker.state for mirror, breaker in cache.breakers.items()},
-        "in_flight": connections.busy(),
-        "ranges": {
-            cloud: {
-                "prefixes": index.prefix_counts.get(cloud, 0),
-                "serial": provider.serial,
-                "published": published_timestamp(provider.serial),
-                "loaded": loaded_at.get(cloud, frontend.index_loaded_at),
-            }
-            for cloud, provider in index.providers.items()
-        },
-    })
-    return snap
 
 
 # Parts of a snapshot that only count up; a retired (dead) worker keeps these.
-_COUNTER_PARTS = ("requests", "blob_decisions", "checks", "check_buckets", "check_seconds", "reloads")
+_COUNTER_PARTS = (
+    "requests", "blob_decisions", "checks", "check_buckets", "check_seconds", "reloads", "connections_closed",
+)
 
 
 def retire(snap: Snapshot) -> Snapshot:
     """The counters of a worker that exited, kept so that sums never go down."""
     return {"worker": "retired", **{k: snap[k] for k in _COUNTER_PARTS if k in snap}}
-
-
-def write_snapshot(path: Path, snap: Snapshot) -> None:
-    """Replace `path` atomically, so the supervisor never reads half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(snap))
-    os.replace(tmp, path)
-
-
-def read_snapshot(path: Path) -> Snapshot | None:
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
 
 
 class MetricsSource(Protocol):
@@ -175,20 +137,58 @@ class MetricsSource(Protocol):
     def worker_counts(self) -> dict[str, int]: ...
 
 
-class ServerSource:
-    """A single serving process reporting on itself."""
+# -- the Prometheus text format (version 0.0.4) ------------------------------------
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
 
-    def snapshots(self) -> list[Snapshot]:
-        return [snapshot(self.server, "0")]
+def _label_value(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def readiness(self) -> tuple[bool, str]:
-        return self.server.readiness()
 
-    def worker_counts(self) -> dict[str, int]:
-        return {"configured": 1, "running": 1, "ready": int(self.server.ready), "restarts": 0}
+def _number(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value))
+
+
+class Family:
+    """One metric family: HELP, TYPE and its samples."""
+
+    def __init__(self, name: str, kind: str, help: str, labels: tuple[str, ...] = ()) -> None:
+        # Counters are exposed with the `_total` suffix, as client libraries do.
+        self.name = name + "_total" if kind == "counter" else name
+        self.kind = kind
+        self.help = help
+        self.labels = labels
+        self.samples: list[tuple[str, tuple[tuple[str, object], ...], float]] = []
+
+    def add(self, values: Iterable[object], value: float) -> None:
+        self.samples.append((self.name, tuple(zip(self.labels, values, strict=True)), value))
+
+    def add_histogram(self, values: Iterable[object], counts: list[int], total: float) -> None:
+        """Cumulative buckets from per-bucket `counts` over CHECK_BUCKETS and +Inf."""
+        labels = tuple(zip(self.labels, values, strict=True))
+        running = 0
+        for bound, count in zip((*CHECK_BUCKETS, float("inf")), counts, strict=True):
+            running += count
+            self.samples.append((self.name + "_bucket", (("le", _number(bound)), *labels), running))
+        self.samples.append((self.name + "_count", labels, running))
+        self.samples.append((self.name + "_sum", labels, total))
+
+    def render(self) -> Iterator[str]:
+        yield f"# HELP {self.name} {self.help.replace(chr(92), chr(92) * 2)}"
+        yield f"# TYPE {self.name} {self.kind}"
+        for name, labels, value in self.samples:
+            if labels:
+                inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels)
+                yield f"{name}{{{inner}}} {_number(value)}"
+            else:
+                yield f"{name} {_number(value)}"
+
+
+def render(source: MetricsSource) -> bytes:
+    """The whole /metrics page for `source`."""
+    lines = [line for family in collect(source) for line in family.render()]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def _sum_rows(snaps: list[Snapshot], key: str) -> Counter[tuple[Any, ...]]:
@@ -199,157 +199,164 @@ def _sum_rows(snaps: list[Snapshot], key: str) -> Counter[tuple[Any, ...]]:
     return total
 
 
-class ArcheioCollector(Collector):
-    """Renders the snapshots of a `MetricsSource` as Prometheus metric families."""
+def collect(source: MetricsSource) -> Iterator[Family]:
+    """Every metric family, from the source's snapshots."""
+    snaps = source.snapshots()
+    live = [s for s in snaps if s.get("worker") != "retired"]
+    yield from _requests(snaps, live)
+    yield from _existence(snaps, live)
+    yield from _ranges(snaps, live)
+    yield from _processes(source, live)
 
-    def __init__(self, source: MetricsSource) -> None:
-        self.source = source
 
-    def collect(self) -> Iterator[Metric]:
-        snaps = self.source.snapshots()
-        live = [s for s in snaps if s.get("worker") != "retired"]
-        yield from self._requests(snaps, live)
-        yield from self._existence(snaps, live)
-        yield from self._ranges(snaps, live)
-        yield from self._processes(live)
+def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
+    requests = Family(
+        "archeio_requests", "counter", "Answers of the public port by route kind ('http': refused by "
+        "the HTTP layer before routing), decision and status.",
+        ("kind", "decision", "status"),
+    )
+    for (kind, decision, status), count in sorted(_sum_rows(snaps, "requests").items()):
+        requests.add((kind, decision, status), count)
+    yield requests
+    blobs = Family(
+        "archeio_blob_decisions", "counter", "Blob redirects by the client's cloud and region "
+        "('none': in no provider's range) and where they went.",
+        ("cloud", "region", "decision"),
+    )
+    for (cloud, region, decision), count in sorted(_sum_rows(snaps, "blob_decisions").items()):
+        blobs.add((cloud or "none", region or "none", decision), count)
+    yield blobs
+    per_worker = Family("archeio_worker_requests", "counter", "Answers given by each worker process.", ("worker",))
+    for snap in live:
+        per_worker.add((snap["worker"],), sum(row[-1] for row in snap.get("requests", ())))
+    yield per_worker
+    gauges: Counter[str] = Counter()
+    for snap in live:
+        gauges.update(snap.get("connections", {}))
+    connections = Family(
+        "archeio_connections", "gauge", "Open public connections by state: idle, reading (part of a "
+        "request received, or none yet on a new connection), busy (holding accepted requests).",
+        ("state",),
+    )
+    for state in ("idle", "reading", "busy"):
+        connections.add((state,), gauges[state])
+    yield connections
+    awaiting = Family(
+        "archeio_requests_awaiting_check", "gauge", "Accepted blob requests waiting for an existence check."
+    )
+    awaiting.add((), gauges["awaiting_check"])
+    yield awaiting
+    closed = Family(
+        "archeio_connections_closed", "counter", "Connections closed by the server's limits: "
+        "limit_idle, limit_slow (to make room), limit_refused (newcomer refused), header_timeout, "
+        "keepalive_timeout.",
+        ("reason",),
+    )
+    totals: Counter[str] = Counter()
+    for snap in snaps:
+        totals.update(snap.get("connections_closed", {}))
+    for reason, count in sorted(totals.items()):
+        closed.add((reason,), count)
+    yield closed
 
-    def _requests(self, snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "archeio_requests", "Requests on the public port by route kind, decision and status.",
-            labels=("kind", "decision", "status"),
-        )
-        for (kind, decision, status), count in sorted(_sum_rows(snaps, "requests").items()):
-            requests.add_metric((kind, decision, str(status)), count)
-        yield requests
-        blobs = CounterMetricFamily(
-            "archeio_blob_decisions", "Blob redirects by the client's cloud and region "
-            "('none': in no provider's range) and where they went.",
-            labels=("cloud", "region", "decision"),
-        )
-        for (cloud, region, decision), count in sorted(_sum_rows(snaps, "blob_decisions").items()):
-            blobs.add_metric((cloud or "none", region or "none", decision), count)
-        yield blobs
-        per_worker = CounterMetricFamily(
-            "archeio_worker_requests", "Requests answered by each worker process.", labels=("worker",),
-        )
-        for snap in live:
-            per_worker.add_metric((snap["worker"],), sum(row[-1] for row in snap.get("requests", ())))
-        yield per_worker
-        in_flight = GaugeMetricFamily(
-            "archeio_in_flight_requests", "Requests received and not yet answered."
-        )
-        in_flight.add_metric((), sum(s.get("in_flight", 0) for s in live))
-        yield in_flight
 
-    def _existence(self, snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Metric]:
-        outcomes: Counter[str] = Counter()
-        buckets: dict[str, list[int]] = {}
-        seconds: Counter[str] = Counter()
-        for snap in snaps:
-            outcomes.update(snap.get("checks", {}))
-            seconds.update(snap.get("check_seconds", {}))
-            for outcome, counts in snap.get("check_buckets", {}).items():
-                into = buckets.setdefault(outcome, [0] * len(counts))
-                for i, n in enumerate(counts):
-                    into[i] += n
-        checks = CounterMetricFamily(
-            "archeio_existence_checks", "Blob existence answers that needed the mirror, by outcome "
-            "(hit, miss, error, timeout: a HEAD; coalesced: shared another's HEAD; "
-            "over_capacity, breaker_open: none sent).",
-            labels=("outcome",),
-        )
-        for outcome, count in sorted(outcomes.items()):
-            checks.add_metric((outcome,), count)
-        yield checks
-        latency = HistogramMetricFamily(
-            "archeio_existence_check_seconds", "Duration of existence HEADs to mirrors, by outcome.",
-            labels=("outcome",),
-        )
-        for outcome, counts in sorted(buckets.items()):
-            cumulative, running = [], 0
-            for bound, n in zip((*CHECK_BUCKETS, float("inf")), counts, strict=True):
-                running += n
-                cumulative.append(("+Inf" if bound == float("inf") else str(bound), running))
-            latency.add_metric((outcome,), cumulative, sum_value=seconds[outcome])
-        yield latency
-        sizes = GaugeMetricFamily(
-            "archeio_existence_cache_entries", "Entries in the existence caches, all workers.",
-            labels=("cache",),
-        )
-        size_totals: Counter[str] = Counter()
-        for snap in live:
-            size_totals.update(snap.get("cache", {}))
-        for cache, count in sorted(size_totals.items()):
-            sizes.add_metric((cache,), count)
-        yield sizes
-        breakers = GaugeMetricFamily(
-            "archeio_mirror_breaker_state", "Workers whose circuit breaker for the mirror is in "
-            "the state (closed, open, half_open); mirrors appear once checked.",
-            labels=("mirror", "state"),
-        )
-        states: Counter[tuple[str, str]] = Counter()
-        for snap in live:
-            states.update(snap.get("breakers", {}).items())
-        for (mirror, state), count in sorted(states.items()):
-            breakers.add_metric((mirror, state), count)
-        yield breakers
+def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
+    outcomes: Counter[str] = Counter()
+    buckets: dict[str, list[int]] = {}
+    seconds: Counter[str] = Counter()
+    for snap in snaps:
+        outcomes.update(snap.get("checks", {}))
+        seconds.update(snap.get("check_seconds", {}))
+        for outcome, counts in snap.get("check_buckets", {}).items():
+            into = buckets.setdefault(outcome, [0] * len(counts))
+            for i, n in enumerate(counts):
+                into[i] += n
+    checks = Family(
+        "archeio_existence_checks", "counter", "Blob existence answers that needed the mirror, by "
+        "outcome (hit, miss, error, timeout: a HEAD; coalesced: shared another's HEAD; "
+        "over_capacity, breaker_open: none sent).",
+        ("outcome",),
+    )
+    for outcome, count in sorted(outcomes.items()):
+        checks.add((outcome,), count)
+    yield checks
+    latency = Family(
+        "archeio_existence_check_seconds", "histogram", "Duration of existence HEADs to mirrors, by outcome.",
+        ("outcome",),
+    )
+    for outcome, counts in sorted(buckets.items()):
+        latency.add_histogram((outcome,), counts, seconds[outcome])
+    yield latency
+    sizes = Family(
+        "archeio_existence_cache_entries", "gauge", "Entries in the existence caches, all workers.", ("cache",)
+    )
+    size_totals: Counter[str] = Counter()
+    for snap in live:
+        size_totals.update(snap.get("cache", {}))
+    for cache, count in sorted(size_totals.items()):
+        sizes.add((cache,), count)
+    yield sizes
+    breakers = Family(
+        "archeio_mirror_breaker_state", "gauge", "Workers whose circuit breaker for the mirror is in "
+        "the state (closed, open, half_open); mirrors appear once checked.",
+        ("mirror", "state"),
+    )
+    states: Counter[tuple[str, str]] = Counter()
+    for snap in live:
+        states.update(snap.get("breakers", {}).items())
+    for (mirror, state), count in sorted(states.items()):
+        breakers.add((mirror, state), count)
+    yield breakers
 
-    def _ranges(self, snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Metric]:
-        now = time.time()
-        prefixes = GaugeMetricFamily(
-            "archeio_ranges_prefixes", "Distinct prefixes in the loaded range data.",
-            labels=("cloud", "worker"),
-        )
-        age = GaugeMetricFamily(
-            "archeio_ranges_age_seconds", "Seconds since the provider published the loaded "
-            "range data (AWS createDate, Google creationTime; Azure carries no date).",
-            labels=("cloud", "worker"),
-        )
-        loaded = GaugeMetricFamily(
-            "archeio_ranges_loaded_timestamp_seconds", "When the provider's range data was loaded.",
-            labels=("cloud", "worker"),
-        )
-        for snap in live:
-            for cloud, facts in sorted(snap.get("ranges", {}).items()):
-                labels = (cloud, snap["worker"])
-                prefixes.add_metric(labels, facts["prefixes"])
-                loaded.add_metric(labels, facts["loaded"])
-                if facts.get("published") is not None:
-                    age.add_metric(labels, now - facts["published"])
-        yield from (prefixes, age, loaded)
-        reloads = CounterMetricFamily(
-            "archeio_ranges_reloads", "Range file reloads per provider by outcome (loaded, unchanged, "
-            "refused_unparseable, refused_loss, refused_older, refused_missing), summed over workers.",
-            labels=("cloud", "outcome"),
-        )
-        for (cloud, outcome), count in sorted(_sum_rows(snaps, "reloads").items()):
-            reloads.add_metric((cloud, outcome), count)
-        yield reloads
 
-    def _processes(self, live: list[Snapshot]) -> Iterator[Metric]:
-        ready, _ = self.source.readiness()
-        up = GaugeMetricFamily("archeio_ready", "1 when /readyz answers 200.")
-        up.add_metric((), int(ready))
-        yield up
-        counts = self.source.worker_counts()
-        workers = GaugeMetricFamily(
-            "archeio_workers", "Worker processes: configured, running, ready.", labels=("state",)
-        )
-        for state in ("configured", "running", "ready"):
-            workers.add_metric((state,), counts[state])
-        yield workers
-        restarts = CounterMetricFamily(
-            "archeio_worker_restarts", "Worker processes restarted after exiting unexpectedly."
-        )
-        restarts.add_metric((), counts["restarts"])
-        yield restarts
-        memory = GaugeMetricFamily(
-            "archeio_worker_resident_memory_bytes", "Resident memory of each worker.", labels=("worker",)
-        )
-        cpu = CounterMetricFamily(
-            "archeio_worker_cpu_seconds", "CPU time used by each worker.", labels=("worker",)
-        )
-        for snap in live:
-            memory.add_metric((snap["worker"],), snap.get("rss_bytes", 0))
-            cpu.add_metric((snap["worker"],), snap.get("cpu_seconds", 0.0))
-        yield from (memory, cpu)
+def _ranges(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
+    now = time.time()
+    prefixes = Family(
+        "archeio_ranges_prefixes", "gauge", "Distinct prefixes in the loaded range data.", ("cloud", "worker")
+    )
+    age = Family(
+        "archeio_ranges_age_seconds", "gauge", "Seconds since the provider published the loaded "
+        "range data (AWS createDate, Google creationTime; Azure carries no date).",
+        ("cloud", "worker"),
+    )
+    loaded = Family(
+        "archeio_ranges_loaded_timestamp_seconds", "gauge", "When the provider's range data was loaded.",
+        ("cloud", "worker"),
+    )
+    for snap in live:
+        for cloud, facts in sorted(snap.get("ranges", {}).items()):
+            labels = (cloud, snap["worker"])
+            prefixes.add(labels, facts["prefixes"])
+            loaded.add(labels, facts["loaded"])
+            if facts.get("published") is not None:
+                age.add(labels, now - facts["published"])
+    yield from (prefixes, age, loaded)
+    reloads = Family(
+        "archeio_ranges_reloads", "counter", "Range file reloads per provider by outcome (loaded, "
+        "unchanged, refused_unparseable, refused_loss, refused_older, refused_missing), summed over workers.",
+        ("cloud", "outcome"),
+    )
+    for (cloud, outcome), count in sorted(_sum_rows(snaps, "reloads").items()):
+        reloads.add((cloud, outcome), count)
+    yield reloads
+
+
+def _processes(source: MetricsSource, live: list[Snapshot]) -> Iterator[Family]:
+    ready, _ = source.readiness()
+    up = Family("archeio_ready", "gauge", "1 when /readyz answers 200.")
+    up.add((), int(ready))
+    yield up
+    counts = source.worker_counts()
+    workers = Family("archeio_workers", "gauge", "Worker processes: configured, running, ready.", ("state",))
+    for state in ("configured", "running", "ready"):
+        workers.add((state,), counts[state])
+    yield workers
+    restarts = Family("archeio_worker_restarts", "counter", "Worker processes restarted after exiting unexpectedly.")
+    restarts.add((), counts["restarts"])
+    yield restarts
+    memory = Family("archeio_worker_resident_memory_bytes", "gauge", "Resident memory of each worker.", ("worker",))
+    cpu = Family("archeio_worker_cpu_seconds", "counter", "CPU time used by each worker.", ("worker",))
+    for snap in live:
+        memory.add((snap["worker"],), snap.get("rss_bytes", 0))
+        cpu.add((snap["worker"],), snap.get("cpu_seconds", 0.0))
+    yield from (memory, cpu)

@@ -33,7 +33,7 @@ from iprange import CloudIndex, ProviderRanges, RangeFileError, describe
 from iprange.parse import FILE_NAMES, parse_file
 from iprange.update import LOSS, OLDER, SAME, check_prefixes, compare
 
-from .app import Frontend
+from .app import RequestFlow
 
 log = logging.getLogger("archeio.reload")
 
@@ -107,18 +107,18 @@ def plan_reload(
 
 
 class RangeReloader:
-    """Reloads one Frontend's range index from a directory, one reload at a time."""
+    """Reloads one RequestFlow's range index from a directory, one reload at a time."""
 
     def __init__(
-        self, frontend: Frontend, ranges_dir: Path | None, max_loss: float,
+        self, flow: RequestFlow, ranges_dir: Path | None, max_loss: float,
         counts: Counter[tuple[str, str]],
     ) -> None:
-        self.frontend = frontend
+        self.flow = flow
         self.ranges_dir = ranges_dir
         self.max_loss = max_loss
         self.counts = counts
         # cloud -> when its current data was swapped in.
-        self.loaded_at: dict[str, float] = dict.fromkeys(frontend.index.providers, frontend.index_loaded_at)
+        self.loaded_at: dict[str, float] = dict.fromkeys(flow.index.providers, flow.index_loaded_at)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[list[Verdict]]] = set()
 
@@ -134,14 +134,14 @@ class RangeReloader:
             log.warning("reload (%s) ignored: no ARCHEIO_RANGES_DIR, the embedded data stays", trigger)
             return []
         async with self._lock:
-            loaded = self.frontend.index.providers
+            loaded = self.flow.index.providers
             try:
                 index, verdicts = await asyncio.to_thread(plan_reload, loaded, self.ranges_dir, self.max_loss)
             except Exception:  # a bug, or a prefix only the radix tree refuses: keep serving
                 log.exception("range reload (%s) failed; the loaded data stays", trigger)
                 return []
             if index is not None:
-                self.frontend.swap_index(index)
+                self.flow.swap_index(index)
                 now = time.time()
                 for v in verdicts:
                     if v.outcome == LOADED:

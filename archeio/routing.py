@@ -11,8 +11,16 @@ Why so strict about paths: a redirect must only ever point at a configured
 host under the configured path. Everything we copy from the request into a
 `Location` is checked against the OCI grammar first (repository names,
 tags, digests), so nothing in it can be a dot segment, an empty segment, a
-scheme, an `@`, a backslash or a control character. Anything else gets a
-400 with an OCI error body instead of a redirect.
+scheme, an `@`, a backslash or a control character. Anything else is
+answered here with an OCI error body instead of a redirect: 400 for a
+malformed name or digest, 404 `MANIFEST_UNKNOWN` for a manifest reference
+that is neither a tag nor a digest (no such manifest can exist). The whole
+table, with the spec's words, is in docs/request-handling.md.
+
+Names that already start with the upstream path (`<prefix>/<name>`) go to
+that same path instead of being prefixed twice: registries page tag lists
+and referrers with a `Link` to `/v2/<prefix>/<name>/...`, and clients send
+that path back to us.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ _TAG_RE = re.compile(_TAG)
 _DIGEST_RE = re.compile(_DIGEST)
 # Digests whose encoding we can check: only these ever cause a HEAD.
 _CHECKABLE_DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
+# The algorithms whose encoding the OCI image spec fixes: a digest of one of
+# them that is not checkable above is malformed, never merely unknown.
+_REGISTERED_ALGORITHMS = ("sha256:", "sha512:")
 # cosign's signature and attestation tags: sha256-<hex>.sig / .att
 _SIGNATURE_TAG_RE = re.compile(r"sha256-[a-f0-9]{64}\.(?:sig|att)")
 # A query string that is already a correctly encoded URL query.
@@ -77,13 +88,19 @@ LOCAL = "local"
 
 
 class LocalAnswer(NamedTuple):
-    """A response we give ourselves, no redirect to a registry."""
+    """A response we give ourselves, as data: each HTTP engine renders it.
+
+    `headers` are extra response headers (name, value) beyond Location,
+    Content-Type and Content-Length; the engines add the wire-level ones
+    (Date, Connection) themselves.
+    """
 
     status: int
     body: bytes = b""
     location: str | None = None
     content_type: str | None = None
     code: str = ""  # the OCI error code, for logs
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Route(NamedTuple):
@@ -114,16 +131,26 @@ def oci_error(status: int, code: str, message: str) -> LocalAnswer:
     return LocalAnswer(status, body, content_type="application/json", code=code)
 
 
-METHOD_NOT_ALLOWED = oci_error(405, "UNSUPPORTED", "only GET and HEAD are supported")
+METHOD_NOT_ALLOWED = oci_error(405, "UNSUPPORTED", "only GET and HEAD are supported")._replace(
+    headers=(("Allow", "GET, HEAD"),)
+)
 CATALOG = oci_error(404, "UNSUPPORTED", "the catalog API is not supported")
 NOT_FOUND = oci_error(404, "NOT_FOUND", "no such path")
 NAME_INVALID = oci_error(400, "NAME_INVALID", "invalid repository name or path")
-REFERENCE_INVALID = oci_error(400, "NAME_INVALID", "invalid tag or digest")
+# The spec: a reference "MUST be either (a) the digest of the manifest or
+# (b) a tag", and a manifest that is not found MUST get a 404.
+MANIFEST_UNKNOWN = oci_error(404, "MANIFEST_UNKNOWN", "manifest reference is neither a tag nor a digest")
 DIGEST_INVALID = oci_error(400, "DIGEST_INVALID", "invalid digest")
+DIGEST_ENCODING_INVALID = oci_error(
+    400, "DIGEST_INVALID", "sha256 digests are 64 and sha512 digests 128 lower-case hex characters"
+)
 CLIENT_IP_INVALID = oci_error(400, "UNSUPPORTED", "cannot determine the client address")
 # Returning 200 here keeps clients from asking for a token: the registry is
 # anonymous, and auth happens (if ever) at the upstream.
-V2_ROOT = LocalAnswer(200, b"{}", content_type="application/json")
+V2_ROOT = LocalAnswer(
+    200, b"{}", content_type="application/json",
+    headers=(("Docker-Distribution-Api-Version", "registry/2.0"),),
+)
 
 
 def clean_query(query: str) -> str:
@@ -163,11 +190,13 @@ class Router:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         path = settings.upstream_registry_path
-        self._upstream_prefix = settings.upstream_registry_endpoint + "/v2/" + (path + "/" if path else "")
+        # `<path>/`: a name starting with it is already an upstream name.
+        self._path_prefix = path + "/" if path else ""
+        self._upstream_root = settings.upstream_registry_endpoint + "/v2/"
+        self._upstream_prefix = self._upstream_root + self._path_prefix
         signature = settings.signature_upstream_endpoint
-        self._signature_prefix = (
-            signature + "/v2/" + (path + "/" if path else "") if signature else self._upstream_prefix
-        )
+        self._signature_root = signature + "/v2/" if signature else self._upstream_root
+        self._signature_prefix = self._signature_root + self._path_prefix
         self._known: dict[str, LocalAnswer | Route] = {}
         self._info = LocalAnswer(307, location=settings.info_url)
         self._privacy = LocalAnswer(307, location=settings.privacy_url)
@@ -210,31 +239,44 @@ class Router:
             # Any other path under /v2/ goes upstream as upstream does, but
             # only if all of it reads as a repository name.
             if len(rest) <= MAX_NAME_LENGTH and _NAME_RE.fullmatch(rest):
-                return self._route(OTHER, rest)
+                return self._route(OTHER, rest, rest)
             return NAME_INVALID
         if len(match["name"]) > MAX_NAME_LENGTH:
             return NAME_INVALID
         if match["tags"]:
-            return self._route(TAGS, rest)
+            return self._route(TAGS, rest, match["name"])
         kind, ref = match["kind"], match["ref"]
+        checkable = _CHECKABLE_DIGEST_RE.fullmatch(ref) is not None
+        if not checkable and ref.startswith(_REGISTERED_ALGORITHMS):
+            # sha256:totallywrong, upper-case hex, a wrong length: no
+            # registry can hold it, and the upstream registry answers 500.
+            return DIGEST_ENCODING_INVALID
         if kind == "manifests":
             if _SIGNATURE_TAG_RE.fullmatch(ref):
-                return self._route(SIGNATURE, rest)
-            if _TAG_RE.fullmatch(ref) or _DIGEST_RE.fullmatch(ref):
-                return self._route(MANIFEST, rest)
-            return REFERENCE_INVALID
-        if not _DIGEST_RE.fullmatch(ref):
+                return self._route(SIGNATURE, rest, match["name"])
+            if checkable or _TAG_RE.fullmatch(ref) or _DIGEST_RE.fullmatch(ref):
+                return self._route(MANIFEST, rest, match["name"])
+            return MANIFEST_UNKNOWN
+        if not checkable and not _DIGEST_RE.fullmatch(ref):
             return DIGEST_INVALID
         if kind == "referrers":
-            return self._route(REFERRERS, rest)
-        return self._route(BLOB, rest, ref if _CHECKABLE_DIGEST_RE.fullmatch(ref) else None)
+            return self._route(REFERRERS, rest, match["name"])
+        return self._route(BLOB, rest, match["name"], ref if checkable else None)
 
-    def _route(self, kind: str, rest: str, digest: str | None = None) -> Route:
+    def _route(self, kind: str, rest: str, name: str, digest: str | None = None) -> Route:
         # Signatures live in their own registry when one is configured, and
         # so do the referrers that point at them.
-        if kind in (SIGNATURE, REFERRERS) and self.settings.signature_upstream_endpoint:
-            return Route(kind, rest, digest, self._signature_prefix + rest, SIGNATURE_UPSTREAM)
-        return Route(kind, rest, digest, self._upstream_prefix + rest, UPSTREAM)
+        signature = kind in (SIGNATURE, REFERRERS) and self.settings.signature_upstream_endpoint
+        # A name already under the upstream path came from a registry's
+        # `Link` (the next page of a tag list or of referrers): it names the
+        # upstream repository as it is. The name has a component after the
+        # path (the grammar allows no empty one), so the target stays under
+        # the path: the repository named exactly the path stays unreachable.
+        if self._path_prefix and name.startswith(self._path_prefix):
+            root = self._signature_root if signature else self._upstream_root
+        else:
+            root = self._signature_prefix if signature else self._upstream_prefix
+        return Route(kind, rest, digest, root + rest, SIGNATURE_UPSTREAM if signature else UPSTREAM)
 
     @staticmethod
     def upstream_location(route: Route, query: str) -> Decision:

@@ -1,13 +1,17 @@
-"""The server process: sockets, the once-a-second housekeeping, signals, shutdown.
+"""One serving process: the public port, its housekeeping, signals and shutdown.
 
-Start-up loads the range index, opens the existence cache's client session,
-binds the public port and logs the configuration and the range data's date
-once. SIGHUP (and the `ranges_refresh` timer) reloads the range files
-(reload.py). SIGTERM or SIGINT starts a graceful stop: /readyz fails at
-once, requests are still served for `drain_delay` seconds (load balancers
-need that long to stop sending), then the port stops accepting, idle
-connections close, busy ones finish their answer within `grace` seconds,
+Start-up loads the range index, binds the public port, starts the chosen
+HTTP engine (archeio/http/) on it and logs the configuration and the range
+data's date once. SIGHUP (and the `ranges_refresh` timer) reloads the range
+files (reload.py). SIGTERM or SIGINT starts a graceful stop: /readyz fails
+at once, requests are still served for `drain_delay` seconds (load
+balancers need that long to stop sending), then the port stops accepting,
+idle connections close, busy ones get `grace` seconds for their answers,
 the client session closes, and `run` returns.
+
+This module is where the parts meet: it hands each component's counters to
+the process's `Exporter` (metrics.py), so that no component needs to know
+of another.
 """
 
 from __future__ import annotations
@@ -17,22 +21,24 @@ import logging
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
-
-import uvloop
 
 from iprange import describe, load_index
 
+from . import signals
 from .admin import start_admin
-from .app import Frontend
+from .app import RequestFlow
 from .config import Settings
-from .existence import BlobExistenceCache
-from .metrics import ServerSource, WorkerStats, snapshot, write_snapshot
-from .protocol import Connections
+from .existence import BlobExistenceCache, warm_client
+from .http import Engine, make_engine
+from .metrics import CheckLatency, Exporter, Snapshot, published_timestamp
 from .reload import RangeReloader
+from .sockets import bind
 
 log = logging.getLogger("archeio")
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def make_cache(
@@ -51,49 +57,39 @@ def make_cache(
     )
 
 
-def bind(settings: Settings, reuse_port: bool = False) -> socket.socket:
-    """The public listening socket (IPv4, or dual-stack for an IPv6 host)."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    sock.bind((settings.host, settings.port))
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
-
-
 class Server:
     """One serving process: the public port and its housekeeping.
 
     `admin` serves the admin port from this process (a single-process
-    server); a worker of several instead writes its metrics snapshot to
-    `snapshot_path` every second for the supervisor (workers.py).
+    server); a worker of several instead hands its snapshot to `report`
+    every second, and the supervisor serves the admin port (workers.py).
     """
 
     def __init__(
         self, settings: Settings, grace: float | None = None, *, admin: bool = False,
-        worker: str = "0", snapshot_path: Path | None = None,
+        worker: str = "0", report: Callable[[Snapshot], None] | None = None,
     ) -> None:
         self.settings = settings
         self.grace = settings.grace_period if grace is None else grace
         self.admin = admin
-        self.worker = worker
-        self.snapshot_path = snapshot_path
+        self.report = report
         self.stopping = asyncio.Event()
         self.draining = False
-        self.stats = WorkerStats()
-        self.frontend: Frontend | None = None
-        self.connections: Connections | None = None
+        self.exporter = Exporter(worker)
+        self.exporter.provide("ready", lambda: self.ready)
+        self.flow: RequestFlow | None = None
+        self.engine: Engine | None = None
         self.reloader: RangeReloader | None = None
         self.port: int | None = None
 
     @property
     def ready(self) -> bool:
         return self.port is not None and not self.draining
+
+    # -- the admin port's view of this process (metrics.MetricsSource) ------------
+
+    def snapshots(self) -> list[Snapshot]:
+        return [self.exporter.snapshot()]
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
@@ -102,83 +98,121 @@ class Server:
             return False, "starting"
         return True, "ready"
 
+    def worker_counts(self) -> dict[str, int]:
+        return {"configured": 1, "running": 1, "ready": int(self.ready), "restarts": 0}
+
+    # -- lifecycle ------------------------------------------------------------------
+
     async def run(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         settings = self.settings
         index = load_index(settings.ranges_dir)
-        # Bind before opening the client session: a port in use then fails
-        # start-up without leaving a session unclosed.
+        # Bind before anything that must be closed again: a port in use then
+        # fails start-up with nothing left open.
         sock = sock or bind(settings)
-        cache = make_cache(settings, self.stats.on_check)
+        latency = CheckLatency()
+        cache = make_cache(settings, latency.on_check)
         await cache.start()
-        self.frontend = frontend = Frontend(settings, index, cache)
-        self.connections = connections = Connections(frontend, loop)
-        self.reloader = reloader = RangeReloader(
-            frontend, settings.ranges_dir, settings.ranges_max_loss, self.stats.reloads
-        )
-        server = await loop.create_server(connections.protocol, sock=sock)
+        self.flow = flow = RequestFlow(settings, index, cache)
+        self.engine = engine = make_engine(settings.http, flow, settings, loop)
+        reloads: Counter[tuple[str, str]] = Counter()
+        self.reloader = reloader = RangeReloader(flow, settings.ranges_dir, settings.ranges_max_loss, reloads)
+        self._export(flow, engine, cache, latency, reloader, reloads)
+        await engine.start(sock)
         self.port = sock.getsockname()[1]
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # What each signal did before: restored at the end, so a signal held
+        # by archeio.signals stays harmless while the process exits.
+        before = {sig: signal.getsignal(sig) for sig in (*_STOP_SIGNALS, signal.SIGHUP)}
+        for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
         log.info(
             "serving on %s:%s", settings.host, self.port,
             extra={"fields": {
+                "engine": engine.name,
                 "ranges": describe(index),
                 "ranges_source": str(settings.ranges_dir or "embedded"),
                 "config": settings.summary(),
                 "startup_seconds": round(time.monotonic() - started, 3),
             }},
         )
-        loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
-        background = [loop.create_task(self._housekeeping())]
+        # Signals that came in while starting are acted on now.
+        if signals.take(signal.SIGTERM):
+            self.stopping.set()
+        if signals.take(signal.SIGHUP):
+            reloader.request("SIGHUP held during start-up")
+        warm_client()
+        background = [loop.create_task(self._housekeeping(engine))]
         if settings.ranges_refresh:
             background.append(loop.create_task(reloader.refresh_every(settings.ranges_refresh)))
         admin = None
         try:
             if self.admin:
-                admin = await start_admin(settings.admin_host, settings.admin_port, ServerSource(self))
-            self._write_snapshot()
+                admin = await start_admin(settings.admin_host, settings.admin_port, self)
+            self._report()
             await self.stopping.wait()
             self.draining = True
-            self._write_snapshot()
+            self._report()
             log.info("draining: /readyz fails; serving %s s before closing the port", settings.drain_delay)
             await asyncio.sleep(settings.drain_delay)
         finally:
             self.draining = True
             log.info("shutting down")
-            server.close()
-            connections.close_idle()
-            deadline = loop.time() + self.grace
-            while connections.open and loop.time() < deadline:
-                await asyncio.sleep(0.05)
-            for conn in list(connections.open):
-                conn.close(reason="grace period over")
+            engine.stop_accepting()
+            await engine.shutdown(self.grace)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await reloader.close()
             await cache.close()
             if admin is not None:
-                await admin.cleanup()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                await admin.close()
+            for sig, handler in before.items():
                 loop.remove_signal_handler(sig)
-            self._write_snapshot()
+                signal.signal(sig, handler)
+            self._report()
             log.info("stopped")
 
-    def _write_snapshot(self) -> None:
-        if self.snapshot_path is not None:
-            write_snapshot(self.snapshot_path, snapshot(self, self.worker))
+    def _export(
+        self, flow: RequestFlow, engine: Engine, cache: BlobExistenceCache, latency: CheckLatency,
+        reloader: RangeReloader, reloads: Counter[tuple[str, str]],
+    ) -> None:
+        """Hand every component's numbers to the exporter, as plain data."""
+        provide = self.exporter.provide
+        provide("requests", flow.request_rows)
+        provide("blob_decisions", flow.blob_rows)
+        provide("connections", engine.tracker.gauges)
+        provide("connections_closed", lambda: dict(engine.tracker.closed))
+        provide("checks", lambda: dict(cache.outcomes))
+        provide("check_buckets", lambda: latency.buckets)
+        provide("check_seconds", lambda: dict(latency.seconds))
+        provide("cache", lambda: cache.sizes)
+        provide("breakers", lambda: {mirror: b.state for mirror, b in cache.breakers.items()})
+        provide("reloads", lambda: [[c, o, n] for (c, o), n in reloads.items()])
+        provide("ranges", lambda: {
+            cloud: {
+                "prefixes": flow.index.prefix_counts.get(cloud, 0),
+                "serial": provider.serial,
+                "published": published_timestamp(provider.serial),
+                "loaded": reloader.loaded_at.get(cloud, flow.index_loaded_at),
+            }
+            for cloud, provider in flow.index.providers.items()
+        })
 
-    async def _housekeeping(self) -> None:
-        assert self.frontend is not None and self.connections is not None
+    def _report(self) -> None:
+        if self.report is not None:
+            self.report(self.exporter.snapshot())
+
+    async def _housekeeping(self, engine: Engine) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.frontend.tick()
-            self.connections.sweep()
-            self._write_snapshot()
+            engine.tick()
+            self._report()
 
 
 def run(settings: Settings) -> None:
     """Serve in this one process, admin port included, until SIGTERM/SIGINT, on uvloop."""
+    import uvloop
+
     uvloop.run(Server(settings, admin=True).run())

@@ -114,3 +114,22 @@ class CloudIndex:
                 return self._v4.get(str(parsed.ipv4_mapped))  # type: ignore[no-any-return]
             return self._v6.get(str(parsed))  # type: ignore[no-any-return]
         return self._v4.get(str(parsed))  # type: ignore[no-any-return]
+
+    def lookup_prefix(self, address: str) -> tuple[str, Placement] | None:
+        """The most specific prefix holding `address`, with its placement; None if none.
+
+        For explaining a decision (`archeio explain`), off the hot path: it
+        accepts what `lookup` accepts (IPv4-mapped IPv6 is looked up as
+        IPv4, a zone id is ignored) and raises `InvalidAddress` likewise.
+        """
+        try:
+            parsed = ipaddress.ip_address(address.split("%", 1)[0] if ":" in address else address)
+        except ValueError:
+            raise InvalidAddress(f"not an IP address: {address!r}") from None
+        if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+            parsed = parsed.ipv4_mapped
+        tree = self._v6 if isinstance(parsed, ipaddress.IPv6Address) else self._v4
+        prefix = tree.get_key(str(parsed))
+        if prefix is None:
+            return None
+        return prefix, tree[prefix]

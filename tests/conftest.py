@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ import pytest
 
 from archeio.config import Settings, load_settings
 from iprange import CloudIndex, load_index
+
+from . import engines
 
 SHARED_RANGES = Path(__file__).resolve().parents[1].parent / "shared" / "ranges"
 
@@ -41,9 +43,19 @@ def make_settings(**env: str) -> Settings:
     """Settings from defaults plus `env` (variable names as keys)."""
     # The admin port is off unless a test asks for it: parallel servers
     # would otherwise all want 9090.
-    base = {"ARCHEIO_RANGES_DIR": str(ranges_dir() or ""), "ARCHEIO_ADMIN_PORT": "0"}
+    base = {
+        "ARCHEIO_RANGES_DIR": str(ranges_dir() or ""), "ARCHEIO_ADMIN_PORT": "0", "ARCHEIO_HTTP": engines.current(),
+    }
     base.update(env)
     return load_settings(env=base)
+
+
+@pytest.fixture(scope="module", params=engines.ENGINES)
+def engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the module's tests on each HTTP engine in turn (see tests/engines.py)."""
+    previous = engines.select(request.param)
+    yield request.param
+    engines.select(previous)
 
 
 def free_port() -> int:
@@ -62,14 +74,15 @@ class RunningServer:
         self.url = f"http://127.0.0.1:{port}"
 
     @property
-    def frontend(self) -> Any:
-        return self.server.frontend
+    def flow(self) -> Any:
+        return self.server.flow
 
 
 @pytest.fixture
 async def start_server() -> AsyncIterator[Callable[..., Any]]:
     """Start the real server in this event loop with the given settings."""
-    from archeio.server import Server, bind
+    from archeio.server import Server
+    from archeio.sockets import bind
 
     running: list[RunningServer] = []
 
@@ -79,7 +92,7 @@ async def start_server() -> AsyncIterator[Callable[..., Any]]:
         port = sock.getsockname()[1]
         task = asyncio.create_task(server.run(sock=sock))
         for _ in range(500):
-            if server.frontend is not None and server.port is not None:
+            if server.flow is not None and server.port is not None:
                 break
             if task.done():
                 task.result()

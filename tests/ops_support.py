@@ -35,6 +35,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import engines
 from .conftest import SHARED_RANGES, free_port
 
 UPSTREAM = "http://127.0.0.2:5001"
@@ -189,6 +190,7 @@ class ArcheioProcess:
             "ARCHEIO_ADMIN_PORT": "",
             "UPSTREAM_REGISTRY_ENDPOINT": UPSTREAM,
             "UPSTREAM_REGISTRY_PATH": REGISTRY_PATH,
+            "ARCHEIO_HTTP": engines.current(),
         })
         self.env.update(env)
         self._new_ports()

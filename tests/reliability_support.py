@@ -43,6 +43,8 @@ from urllib.parse import urlsplit
 from archeio.config import INFO_URL, PRIVACY_URL, Settings, load_settings
 from archeio.server import Server
 
+from . import engines
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_RANGES = REPO.parent / "shared" / "ranges"
 
@@ -237,6 +239,7 @@ def server_env(mirror_url: str, default_url: str, tmp: Path, **overrides: str) -
         "DEFAULT_AWS_BASE_URL": default_url,
         "ARCHEIO_MIRRORS_FILE": str(mirrors),
         "ARCHEIO_LOG_LEVEL": "info",
+        "ARCHEIO_HTTP": engines.current(),
         # No admin port: servers of parallel tests would all want 9090.
         "ARCHEIO_ADMIN_PORT": "0",
     }
@@ -306,6 +309,23 @@ async def running_server(settings: Settings, grace: float = 2.0) -> AsyncIterato
     finally:
         server.stopping.set()
         await asyncio.wait_for(task, grace + 30)
+
+
+@contextlib.asynccontextmanager
+async def server_with_mirror(tmp_path: Path, **env: str) -> AsyncIterator[tuple[Server, FakeMirror]]:
+    mirror = FakeMirror()
+    await mirror.start()
+    settings = settings_from(server_env(mirror.url, mirror.url.replace("/bucket", "/cdn"), tmp_path, **env))
+    try:
+        async with running_server(settings) as server:
+            yield server, mirror
+    finally:
+        await mirror.close()
+
+
+def port_of(server: Server) -> int:
+    assert server.port is not None
+    return server.port
 
 
 def settings_from(env: dict[str, str]) -> Settings:
@@ -395,6 +415,13 @@ class RawResponse:
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    version: str = "1.1"
+
+    @property
+    def announces_close(self) -> bool:
+        """Does the response say the connection closes after it (explicitly, or by HTTP/1.0)?"""
+        connection = (self.header("Connection") or "").lower()
+        return connection == "close" or (self.version != "1.1" and connection != "keep-alive")
 
     def header(self, name: str) -> str | None:
         lowered = name.lower()
@@ -418,9 +445,9 @@ def parse_response(data: bytes, head: bool) -> tuple[RawResponse, bytes]:
     lines = data[:end].split(b"\r\n")
     for line in lines:
         assert b"\r" not in line and b"\n" not in line, f"CR or LF inside a response line: {line!r}"
-    match = re.fullmatch(rb"HTTP/1\.1 (\d{3}) [^\x00-\x1f]*", lines[0])
+    match = re.fullmatch(engines.status_line(), lines[0])
     assert match, f"bad status line {lines[0]!r}"
-    response = RawResponse(int(match[1]))
+    response = RawResponse(int(match[1]), version=lines[0][5:8].decode())
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         assert sep and name and name.strip() == name, f"bad header line {line!r}"
@@ -528,3 +555,16 @@ async def fetch(port: int, target: str, forwarded: str | None = None) -> RawResp
         return await client.get(target, forwarded)
     finally:
         await client.close()
+
+
+async def closed_by_server(client: AsyncClient, timeout: float = 30) -> bool:
+    """True once the server has closed this connection (EOF or reset); False if it does not within `timeout`."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await client.reader.read(65536):
+                pass
+    except ConnectionError:
+        return True  # a reset is a close too
+    except TimeoutError:
+        return False
+    return True

@@ -19,14 +19,13 @@ import contextlib
 import random
 import socket
 import tracemalloc
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from archeio.existence import OVER_CAPACITY
-from archeio.server import Server
 
+from . import engines
 from .reliability_support import (
     AWS_EU_WEST_3,
     GATE,
@@ -34,36 +33,23 @@ from .reliability_support import (
     REGISTRY_PATH,
     UPSTREAM,
     AsyncClient,
-    FakeMirror,
     RawResponse,
     ServerProcess,
     blob_path,
+    closed_by_server,
     digest,
     fetch,
     mirror_in_thread,
-    running_server,
+    port_of,
     server_env,
+    server_with_mirror,
     settings_from,
     wait_until,
     xff,
 )
 
-
-@contextlib.asynccontextmanager
-async def server_with_mirror(tmp_path: Path, **env: str) -> AsyncIterator[tuple[Server, FakeMirror]]:
-    mirror = FakeMirror()
-    await mirror.start()
-    settings = settings_from(server_env(mirror.url, mirror.url.replace("/bucket", "/cdn"), tmp_path, **env))
-    try:
-        async with running_server(settings) as server:
-            yield server, mirror
-    finally:
-        await mirror.close()
-
-
-def port_of(server: Server) -> int:
-    assert server.port is not None
-    return server.port
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
 
 
 def upstream_blob(n: int) -> str:
@@ -110,8 +96,8 @@ async def test_check_started_after_another_head_finished_reuses_its_answer(tmp_p
     # check must use that answer, not send a second HEAD (the flood above
     # found this as 2 HEADs for a few digests).
     async with server_with_mirror(tmp_path) as (server, mirror):
-        assert server.frontend is not None
-        cache = server.frontend.cache
+        assert server.flow is not None
+        cache = server.flow.cache
         assert cache.cached(mirror.url, digest(1)) is None
         assert await cache.check(mirror.url, digest(1)) is False  # the other request's HEAD
         assert await cache.check(mirror.url, digest(1)) is False  # this request's check
@@ -135,8 +121,8 @@ async def test_concurrent_heads_are_capped_and_excess_requests_go_upstream_at_on
         assert mirror.max_in_flight == 4
         early = [t.result() for t in tasks if t.done()]
         assert all((r.header("Location") or "").startswith(f"{UPSTREAM}/v2/") for r in early)
-        assert server.frontend is not None
-        assert server.frontend.cache.outcomes[OVER_CAPACITY] == 36
+        assert server.flow is not None
+        assert server.flow.cache.outcomes[OVER_CAPACITY] == 36
         mirror.release()
         late = await asyncio.gather(*(t for t in tasks if not t.done()))
         assert all(f"{mirror.url}/containers/images/" in (r.header("Location") or "") for r in late)
@@ -154,19 +140,6 @@ async def open_slow_connections(port: int, count: int, prefix: bytes) -> list[As
     return clients
 
 
-async def closed_by_server(client: AsyncClient) -> bool:
-    """True once the server has closed this connection (EOF or reset); False if it never does."""
-    try:
-        async with asyncio.timeout(30):
-            while await client.reader.read(65536):
-                pass
-    except ConnectionError:
-        return True  # a reset is a close too
-    except TimeoutError:
-        return False
-    return True
-
-
 SLOWLORIS_HEADERS = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: "
 SLOW_BODY = b"POST /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nabc"
 
@@ -179,8 +152,9 @@ async def test_idle_and_slowloris_connections_do_not_block_new_clients(tmp_path:
         held = (await open_slow_connections(port, 150, b"")
                 + await open_slow_connections(port, 150, SLOWLORIS_HEADERS)
                 + await open_slow_connections(port, 150, SLOW_BODY))
-        assert server.connections is not None
-        await wait_until(lambda: len(server.connections.open) >= 450, "the server to hold 450 connections")
+        assert server.engine is not None
+        tracker = server.engine.tracker
+        await wait_until(lambda: len(tracker.open) >= 450, "the server to hold 450 connections")
         response = await fetch(port, "/v2/pause/manifests/latest")
         assert response.status == 307
         response = await fetch(port, blob_path(digest(1)), xff(AWS_EU_WEST_3))
@@ -204,7 +178,7 @@ async def test_header_deadline_closes_slow_connections(tmp_path: Path, prefix: b
                 await client.send(b"a")
         results = await asyncio.gather(*(closed_by_server(c) for c in clients))
         assert all(results)
-        assert server.connections is not None and not server.connections.open
+        assert server.engine is not None and not server.engine.tracker.open
         for client in clients:
             await client.close()
 
@@ -266,8 +240,8 @@ async def test_oversized_input_is_refused_before_it_ends(
         # The server decided at its limit, long before the input ended: it
         # cannot have buffered what was never sent.
         assert sent < STREAM_TOTAL
-        assert response is not None and response.status == status
-        assert response.header("Connection") == "close"
+        assert response is not None and response.status == engines.refusal(status)
+        assert response.announces_close
 
 
 # -- memory ------------------------------------------------------------------------

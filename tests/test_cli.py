@@ -56,6 +56,33 @@ def test_bad_configuration_exits_2_naming_the_variable(env: dict[str, str], vari
     assert len(lines) == 1 and variable in lines[0], result.stderr
 
 
+# Every duration that bounds a wait must be > 0: to aiohttp and asyncio a
+# 0 means "no deadline", so a hung mirror would hang requests for ever.
+BOUNDED_WAITS = (
+    "ARCHEIO_HEAD_TIMEOUT", "ARCHEIO_HEADER_TIMEOUT", "ARCHEIO_KEEPALIVE_TIMEOUT", "ARCHEIO_BREAKER_COOLDOWN",
+    "ARCHEIO_GRACE_PERIOD", "ARCHEIO_CACHE_HIT_TTL", "ARCHEIO_CACHE_MISS_TTL", "ARCHEIO_CACHE_ERROR_TTL",
+)
+# The zeros that are documented as meaning something.
+MEANINGFUL_ZEROS = (
+    "ARCHEIO_DRAIN_DELAY", "ARCHEIO_RANGES_REFRESH", "ARCHEIO_ADMIN_PORT", "ARCHEIO_ACCESS_LOG", "ARCHEIO_TRUSTED_HOPS",
+)
+
+
+@pytest.mark.parametrize("variable", BOUNDED_WAITS)
+def test_zero_for_a_duration_that_bounds_a_wait_exits_2_naming_it(variable: str) -> None:
+    result = run_archeio("serve", env={variable: "0"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and variable in lines[0] and "greater than 0" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("variable", MEANINGFUL_ZEROS)
+def test_documented_zeros_are_accepted(variable: str) -> None:
+    from archeio.config import load_settings
+
+    load_settings(env={variable: "0"})
+
+
 @pytest.mark.parametrize(
     "toml",
     ['[mirrors.AWS\n"x" = 1', '[mirrors.AWS]\n"eu-west-3" = "nope"', '[mirrors.AWS]\n"eu-west-3" = 5'],

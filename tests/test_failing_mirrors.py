@@ -48,6 +48,9 @@ from .reliability_support import (
     xff,
 )
 
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
+
 BREAKER_FAILURES = 3
 
 
@@ -63,8 +66,8 @@ class World:
 
     @property
     def cache(self) -> BlobExistenceCache:
-        assert self.server.frontend is not None
-        return self.server.frontend.cache
+        assert self.server.flow is not None
+        return self.server.flow.cache
 
     def breaker_state(self) -> str:
         breaker = self.cache.breakers.get(self.mirror.url)

@@ -45,6 +45,29 @@ def test_ipv6_zone_id_is_ignored(cloud_index: CloudIndex) -> None:
 def test_non_addresses_raise(cloud_index: CloudIndex, bad: str) -> None:
     with pytest.raises(InvalidAddress):
         cloud_index.lookup(bad)
+    with pytest.raises(InvalidAddress):
+        cloud_index.lookup_prefix(bad)
+
+
+def test_lookup_prefix_names_the_most_specific_prefix() -> None:
+    index = CloudIndex([parse_aws(_aws_document())])
+    prefix, placement = index.lookup_prefix("15.193.6.1")  # type: ignore[misc]
+    assert (prefix, placement) == ("15.193.6.0/24", Placement(AWS, "us-east-1"))
+
+
+@pytest.mark.parametrize(
+    "address", [AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY, "::ffff:" + AWS_EU_WEST_3, "::ffff:23b4:101",
+                "2600:1f00::1", "fe80::1%eth0", "::1"],
+)
+def test_lookup_prefix_agrees_with_lookup(cloud_index: CloudIndex, address: str) -> None:
+    found = cloud_index.lookup_prefix(address)
+    assert (found[1] if found else None) == cloud_index.lookup(address)
+    if found is not None:
+        stripped = address.split("%")[0]
+        mapped = ipaddress.ip_address(stripped)
+        if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+            mapped = mapped.ipv4_mapped
+        assert mapped in ipaddress.ip_network(found[0])
 
 
 def _aws_document() -> dict:  # type: ignore[type-arg]

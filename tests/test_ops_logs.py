@@ -28,12 +28,15 @@ from .ops_support import (
     xff,
 )
 
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
+
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 PROJECT = "demo-project"
 
 
 @pytest.fixture(scope="module")
-def access_entries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, Any]]]:
+def access_entries(engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str, Any]]]:
     """The access log lines of one request of each kind, in request order."""
     tmp = tmp_path_factory.mktemp("logs")
     with ThreadedBucket() as bucket:

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from archeio.metrics import CHECK_BUCKETS, ArcheioCollector, Snapshot, retire
+from archeio.metrics import CHECK_BUCKETS, Snapshot, render, retire
 
 from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY, ranges_dir
 from .ops_support import (
@@ -33,6 +34,9 @@ from .ops_support import (
     write_mirrors,
     xff,
 )
+
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
 
 # -- the collector, on plain snapshots ------------------------------------------
 
@@ -64,16 +68,17 @@ def _worker(name: str, mirror_hits: int, hit_seconds: float) -> Snapshot:
         "check_seconds": {"hit": hit_seconds},
         "cache": {"hits": 1, "misses": 0},
         "breakers": {"http://m": "closed"},
-        "in_flight": 1,
+        "connections": {"open": 3, "idle": 1, "reading": 1, "busy": 1, "awaiting_check": 1},
+        "connections_closed": {"header_timeout": 2},
         "ranges": {"AWS": {"prefixes": 10, "serial": "s", "published": 0.0, "loaded": 5.0}},
         "reloads": [["AWS", "loaded", 1]],
     }
 
 
 def _samples(snaps: list[Snapshot]) -> list[tuple[str, dict[str, str], float]]:
-    return [
-        (s.name, s.labels, s.value) for family in ArcheioCollector(_Source(snaps)).collect() for s in family.samples
-    ]
+    # Our own rendering, read back by the Prometheus project's parser.
+    text = render(_Source(snaps)).decode()
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
 
 
 def test_collector_sums_workers_and_keeps_counts_of_retired_ones() -> None:
@@ -88,7 +93,9 @@ def test_collector_sums_workers_and_keeps_counts_of_retired_ones() -> None:
     assert total(samples, "archeio_existence_check_seconds_sum", outcome="hit") == pytest.approx(0.006)
     assert total(samples, "archeio_ranges_reloads_total", cloud="AWS", outcome="loaded") == 3
     # Gauges of a dead worker are gone; live ones are summed or per worker.
-    assert total(samples, "archeio_in_flight_requests") == 2
+    assert total(samples, "archeio_requests_awaiting_check") == 2
+    assert total(samples, "archeio_connections", state="reading") == 2
+    assert total(samples, "archeio_connections_closed_total", reason="header_timeout") == 6
     assert total(samples, "archeio_existence_cache_entries", cache="hits") == 2
     assert total(samples, "archeio_mirror_breaker_state", mirror="http://m", state="closed") == 2
     assert {labels["worker"] for name, labels, _ in samples if name == "archeio_ranges_prefixes"} == {"0", "1"}
@@ -105,7 +112,9 @@ def bucket() -> Iterator[ThreadedBucket]:
 
 
 @pytest.fixture(scope="module")
-def two_workers(bucket: ThreadedBucket, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArcheioProcess]:
+def two_workers(
+    engine: str, bucket: ThreadedBucket, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ArcheioProcess]:
     tmp = tmp_path_factory.mktemp("metrics")
     mirrors = write_mirrors(tmp / "mirrors.toml", {"eu-west-3": bucket.base("euw3")})
     env = {

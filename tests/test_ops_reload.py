@@ -1,7 +1,7 @@
 """Live range reloads: the verdict per provider, refused files, and a reload under load.
 
 The judging is a pure function, tested by a table; the reloader runs on a
-real Frontend with real range files in a temporary directory; and a real
+real RequestFlow with real range files in a temporary directory; and a real
 `archeio serve --workers 2` is hammered with blob requests while SIGHUP
 swaps a client's region: every answer must be one of the two valid
 redirects, none may fail.
@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from archeio.app import Frontend
+from archeio.app import RequestFlow
 from archeio.reload import (
     LOADED,
     REFUSED_LOSS,
@@ -82,7 +82,7 @@ def test_judge_per_provider(
     assert verdict.keep is expected_keep
 
 
-# -- the reloader on a real Frontend ------------------------------------------------------
+# -- the reloader on a real RequestFlow ------------------------------------------------------
 
 
 @pytest.fixture
@@ -91,11 +91,11 @@ def docs() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _reloading(directory: Path, aws: dict[str, Any], gcp: dict[str, Any]) -> RangeReloader:
-    """A reloader of a real Frontend serving the given files, with its own counts."""
+    """A reloader of a real RequestFlow serving the given files, with its own counts."""
     write_ranges(directory, aws, gcp)
     settings = make_settings(ARCHEIO_RANGES_DIR=str(directory))
-    frontend = Frontend(settings, load_index(directory), make_cache(settings))
-    return RangeReloader(frontend, directory, 0.2, Counter())
+    flow = RequestFlow(settings, load_index(directory), make_cache(settings))
+    return RangeReloader(flow, directory, 0.2, Counter())
 
 
 def _garbage(directory: Path, aws: dict[str, Any]) -> None:
@@ -143,15 +143,15 @@ async def test_refused_file_keeps_the_loaded_data_and_is_counted(
 ) -> None:
     aws, gcp = docs
     reloader = _reloading(tmp_path, aws, gcp)
-    frontend, counts = reloader.frontend, reloader.counts
-    loaded = frontend.index.providers[AWS]
+    flow, counts = reloader.flow, reloader.counts
+    loaded = flow.index.providers[AWS]
     spoil(tmp_path, aws)
 
     verdicts = {v.cloud: v.outcome for v in await reloader.reload("test")}
 
     assert verdicts[AWS] == outcome
-    assert frontend.index.providers[AWS] is loaded
-    assert frontend.index.lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-west-3")
+    assert flow.index.providers[AWS] is loaded
+    assert flow.index.lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-west-3")
     assert counts[(AWS, outcome)] == 1
     assert counts[(GCP, UNCHANGED)] == 1
 
@@ -161,16 +161,16 @@ async def test_newer_file_is_swapped_in_and_other_providers_keep_theirs(
 ) -> None:
     aws, gcp = docs
     reloader = _reloading(tmp_path, aws, gcp)
-    frontend, counts = reloader.frontend, reloader.counts
-    gcp_loaded = frontend.index.providers[GCP]
+    flow, counts = reloader.flow, reloader.counts
+    gcp_loaded = flow.index.providers[GCP]
     before = reloader.loaded_at[AWS]
     write_ranges(tmp_path, moved_region(aws, "eu-west-3", "eu-central-1", NEWER))
 
     await reloader.reload("test")
 
-    assert frontend.index.lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-central-1")
-    assert frontend.index.providers[AWS].serial == NEWER
-    assert frontend.index.providers[GCP] is gcp_loaded
+    assert flow.index.lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-central-1")
+    assert flow.index.providers[AWS].serial == NEWER
+    assert flow.index.providers[GCP] is gcp_loaded
     assert reloader.loaded_at[AWS] >= before
     assert counts == Counter({(AWS, LOADED): 1, (GCP, UNCHANGED): 1})
 
@@ -180,15 +180,15 @@ async def test_refresh_timer_picks_up_a_new_file(
 ) -> None:
     aws, gcp = docs
     reloader = _reloading(tmp_path, aws, gcp)
-    frontend = reloader.frontend
+    flow = reloader.flow
     refresh = asyncio.get_running_loop().create_task(reloader.refresh_every(0.05))
     try:
         write_ranges(tmp_path, moved_region(aws, "eu-west-3", "eu-central-1", NEWER))
         for _ in range(1000):
-            if frontend.index.lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-central-1"):
+            if flow.index.lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-central-1"):
                 break
             await asyncio.sleep(0.01)
-        assert frontend.index.lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-central-1")
+        assert flow.index.lookup(AWS_EU_WEST_3) == Placement(AWS, "eu-central-1")
     finally:
         refresh.cancel()
 

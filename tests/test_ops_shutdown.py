@@ -30,6 +30,9 @@ from .ops_support import (
     xff,
 )
 
+# Every test here runs on each HTTP engine (tests/engines.py).
+pytestmark = pytest.mark.usefixtures("engine")
+
 
 def _refuses_connections(port: int) -> bool:
     try:

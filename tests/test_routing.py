@@ -70,7 +70,7 @@ LOCAL_CASES = [
     ("GET", "/v2/pause/./manifests/1", 400, "NAME_INVALID"),
     ("GET", "/v2//pause/manifests/1", 400, "NAME_INVALID"),
     ("GET", "/v2/pause//manifests/1", 400, "NAME_INVALID"),
-    ("GET", "/v2/pause/manifests/", 400, "NAME_INVALID"),
+    ("GET", "/v2/pause/manifests/", 404, "MANIFEST_UNKNOWN"),
     ("GET", "/v2/Pause/manifests/1", 400, "NAME_INVALID"),
     ("GET", "/v2/pa%2e%2e/manifests/1", 400, "NAME_INVALID"),
     ("GET", "/v2/%2e%2e/manifests/1", 400, "NAME_INVALID"),
@@ -79,8 +79,23 @@ LOCAL_CASES = [
     ("GET", "/v2/a%0d%0aLocation:x/manifests/1", 400, "NAME_INVALID"),
     ("GET", "/v2/a%00/manifests/1", 400, "NAME_INVALID"),
     ("GET", "/v2/a%ff/manifests/1", 400, "NAME_INVALID"),
-    ("GET", "/v2/pause/manifests/bad%0atag", 400, "NAME_INVALID"),
-    ("GET", "/v2/pause/manifests/" + "t" * 129, 400, "NAME_INVALID"),
+    # A manifest reference that is neither a tag nor a digest names nothing: 404.
+    ("GET", "/v2/pause/manifests/bad%0atag", 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/pause/manifests/" + "t" * 129, 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/pause/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+    ("HEAD", "/v2/pause/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+    ("GET", "/v2/pause/manifests/latest@evil.example", 404, "MANIFEST_UNKNOWN"),
+    # sha256 and sha512 digests with a malformed encoding: 400, wherever they are.
+    ("GET", "/v2/pause/manifests/sha256:totallywrong", 400, "DIGEST_INVALID"),
+    ("HEAD", "/v2/pause/manifests/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/manifests/sha512:" + "a" * 64, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/blobs/sha256:totallywrong", 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/blobs/sha256:" + "a" * 63, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/blobs/sha256:" + "a" * 65, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/blobs/sha256:" + "g" * 64, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/blobs/sha512:" + "a" * 127, 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/referrers/sha256:totallywrong", 400, "DIGEST_INVALID"),
+    ("GET", "/v2/pause/referrers/sha256:" + "A" * 64, 400, "DIGEST_INVALID"),
     ("GET", "/v2/" + "a" * 256 + "/manifests/1", 400, "NAME_INVALID"),
     ("GET", "/v2/pause/blobs/not-a-digest", 400, "DIGEST_INVALID"),
     ("GET", "/v2/pause/blobs/sha256:abc/def", 400, "NAME_INVALID"),
@@ -164,20 +179,24 @@ def test_sha256_tag_that_is_not_a_cosign_tag_is_a_manifest(router: Router) -> No
 @pytest.mark.parametrize(
     "digest",
     [
-        "sha256:" + "A" * 64,  # uppercase hex
-        "sha256:" + "a" * 63,  # too short
-        "sha256:" + "a" * 65,
-        "sha512:" + "a" * 64,  # sha512 must be 128
         "md5:" + "a" * 32,
+        "blake3:" + "a" * 64,
         "sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564",
     ],
 )
-def test_malformed_digest_for_its_algorithm_is_never_checked(router: Router, digest: str) -> None:
+def test_digest_of_an_unknown_algorithm_goes_upstream_unchecked(router: Router, digest: str) -> None:
     route = router.classify("GET", "/v2/pause/blobs/" + digest)
     assert isinstance(route, Route) and route.kind == BLOB and route.digest is None
     # Even if someone claimed it was in a mirror, it goes upstream.
     decision = router.decide(route, "", Placement("AWS", "eu-west-3"), True)
     assert decision.location == UP + "pause/blobs/" + digest
+
+
+@pytest.mark.parametrize("kind", ["manifests", "referrers"])
+def test_reference_of_an_unknown_algorithm_goes_upstream(router: Router, kind: str) -> None:
+    route = router.classify("GET", f"/v2/pause/{kind}/blake3:" + "a" * 64)
+    assert isinstance(route, Route)
+    assert router.upstream_location(route, "").location == UP + f"pause/{kind}/blake3:" + "a" * 64
 
 
 def test_blob_in_clients_regional_mirror_goes_there(router: Router) -> None:
@@ -255,3 +274,51 @@ def test_empty_upstream_path_joins_without_double_slash() -> None:
 )
 def test_query_is_kept_and_correctly_encoded(query: str, clean: str) -> None:
     assert clean_query(query) == clean
+
+
+# -- names already under the upstream path (the `Link` of a paged list) ------------
+
+PREFIXED = "k8s-artifacts-prod/images/"
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/v2/" + PREFIXED + "pause/tags/list", TAGS),
+        ("/v2/" + PREFIXED + "pause/manifests/3.9", MANIFEST),
+        ("/v2/" + PREFIXED + "pause/blobs/" + D256, BLOB),
+        ("/v2/" + PREFIXED + "pause/referrers/" + D256, REFERRERS),
+        ("/v2/" + PREFIXED + "pause/manifests/" + COSIGN, SIGNATURE),
+        ("/v2/" + PREFIXED + "kubernetes/pause", OTHER),
+    ],
+)
+def test_name_under_the_upstream_path_is_not_prefixed_twice(router: Router, path: str, kind: str) -> None:
+    route = router.classify("GET", path)
+    assert isinstance(route, Route) and route.kind == kind
+    location = router.upstream_location(route, "n=2&last=3.9").location
+    assert location == "https://us-central1-docker.pkg.dev" + path + "?n=2&last=3.9"
+
+
+@pytest.mark.parametrize("kind", ["referrers/" + D256, "manifests/" + COSIGN])
+def test_name_under_the_upstream_path_keeps_the_signature_upstream(signing_router: Router, kind: str) -> None:
+    route = signing_router.classify("GET", "/v2/" + PREFIXED + "pause/" + kind)
+    decision = signing_router.upstream_location(route, "")  # type: ignore[arg-type]
+    assert (decision.location, decision.backend) == ("https://sig.example/v2/" + PREFIXED + "pause/" + kind,
+                                                     SIGNATURE_UPSTREAM)
+
+
+def test_repository_named_like_the_upstream_path_itself_is_still_prefixed(router: Router) -> None:
+    """`/v2/<path>/tags/list` names the repository `<path>`: the target stays under the path."""
+    route = router.classify("GET", "/v2/k8s-artifacts-prod/images/tags/list")
+    assert router.upstream_location(route, "").location == UP + "k8s-artifacts-prod/images/tags/list"  # type: ignore[arg-type]
+
+
+def test_only_whole_components_of_the_upstream_path_count(router: Router) -> None:
+    route = router.classify("GET", "/v2/k8s-artifacts-prod/images2/pause/manifests/1")
+    assert router.upstream_location(route, "").location == UP + "k8s-artifacts-prod/images2/pause/manifests/1"  # type: ignore[arg-type]
+
+
+def test_empty_upstream_path_has_nothing_to_strip() -> None:
+    router = Router(make_settings(UPSTREAM_REGISTRY_PATH="", UPSTREAM_REGISTRY_ENDPOINT="http://reg.example"))
+    route = router.classify("GET", "/v2/a/b/manifests/1")
+    assert router.upstream_location(route, "").location == "http://reg.example/v2/a/b/manifests/1"  # type: ignore[arg-type]

@@ -7,6 +7,10 @@ separate signature registry), one moto S3 server holding three buckets
 then starts `archeio serve` and an nginx with one listener per simulated
 client. Everything is stopped by PID when the session ends.
 
+For pagination, `paged` puts a paginating front (paging_registry.py, the
+one sanctioned fake) before each registry and a second `archeio serve`
+before those, and adds artifacts referring to alpha for the referrers API.
+
 A missing program fails the tests with a message naming the package to
 install; these tests never skip.
 """
@@ -15,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ..engines import ENGINES
 from . import images, services
 from .images import Image, Layout, Platform
 from .places import Places
@@ -28,8 +34,10 @@ from .topology import (
     BUCKET_REGION_TWO,
     CLIENTS,
     PAGINATED_TAGS,
+    REFERRER_TYPES,
     UPSTREAM_PATH,
     Catalog,
+    PagedWorld,
     archeio_settings,
 )
 
@@ -106,11 +114,12 @@ def catalog(workdir: Path, registry: Registry, signature_registry: Registry, s3:
     return catalog
 
 
-@pytest.fixture(scope="session")
-def archeio(workdir: Path, registry: Registry, signature_registry: Registry, s3: S3Server,
-            catalog: Catalog) -> Iterator[Archeio]:
-    settings = archeio_settings(workdir, registry, signature_registry, s3)
-    with services.archeio_server(workdir, settings) as running:
+@pytest.fixture(scope="session", params=ENGINES)
+def archeio(request: pytest.FixtureRequest, workdir: Path, registry: Registry, signature_registry: Registry,
+            s3: S3Server, catalog: Catalog) -> Iterator[Archeio]:
+    """`archeio serve` in front of the registries, once per HTTP engine: every pull test runs on both."""
+    settings = {**archeio_settings(workdir, registry, signature_registry, s3), "ARCHEIO_HTTP": request.param}
+    with services.archeio_server(workdir, settings, name=f"archeio-{request.param}") as running:
         yield running
 
 
@@ -124,3 +133,37 @@ def proxy(workdir: Path, archeio: Archeio) -> Iterator[Proxy]:
 @pytest.fixture(scope="session")
 def places(registry: Registry, s3: S3Server) -> Places:
     return Places(registry, s3)
+
+
+@pytest.fixture(scope="session")
+def paging_upstreams(workdir: Path, registry: Registry, signature_registry: Registry,
+                     catalog: Catalog) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
+    """Upstreams that page tag lists and referrers in twos, and the referrers they hold."""
+    repository = f"{UPSTREAM_PATH}/{catalog.alpha.name}"
+    artifacts = tuple(
+        images.referrer(f"alpha-artifact-{i}", catalog.alpha, artifact_type)
+        for i, artifact_type in enumerate(REFERRER_TYPES)
+    )
+    for artifact in artifacts:
+        images.push_over_http(signature_registry.url, repository, artifact.digest, artifact)
+    index = images.referrers_index(artifacts)
+    images.push_over_http(signature_registry.url, repository, catalog.alpha.digest.replace(":", "-"), index)
+    with (
+        services.paging_registry(workdir, registry, "paging") as upstream,
+        services.paging_registry(workdir, signature_registry, "paging-signatures") as signatures,
+    ):
+        yield upstream, signatures, artifacts
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def paged(request: pytest.FixtureRequest, workdir: Path, registry: Registry, signature_registry: Registry,
+          s3: S3Server, paging_upstreams: tuple[Any, Any, tuple[Any, ...]]) -> Iterator[PagedWorld]:
+    """An archeio, on each HTTP engine in turn, whose upstreams page in twos."""
+    upstream, signatures, artifacts = paging_upstreams
+    settings = archeio_settings(
+        workdir, registry, signature_registry, s3,
+        UPSTREAM_REGISTRY_ENDPOINT=upstream.url, SIGNATURE_UPSTREAM_ENDPOINT=signatures.url,
+        ARCHEIO_HTTP=request.param,
+    )
+    with services.archeio_server(workdir, settings, name=f"archeio-paged-{request.param}") as archeio:
+        yield PagedWorld(archeio, upstream, signatures, artifacts)

@@ -22,6 +22,7 @@ import io
 import json
 import subprocess
 import tarfile
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -261,3 +262,59 @@ def push(layout: Layout, ref: str, registry_host: str, repository: str, tag: str
         stored = response.read()
     if stored != image.data:
         raise RuntimeError(f"{url}: the registry holds a different manifest than was pushed")
+
+
+# -- artifacts that refer to an image (the referrers API) ------------------------------------
+
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+
+
+def referrer(name: str, subject: Image, artifact_type: str) -> Image:
+    """An OCI artifact manifest whose `subject` is `subject` (an SBOM, a signature...)."""
+    config = Blob(OCI_EMPTY, b"{}")
+    payload = Blob("application/json", canonical_json({"describes": subject.digest, "artifact": name}))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": config.descriptor(),
+        "layers": [payload.descriptor()],
+        "subject": subject.manifest.descriptor(),
+        "annotations": {"org.example.name": name},
+    }
+    return Image(name, Blob(OCI_MANIFEST, canonical_json(manifest)), config, (payload,))
+
+
+def referrers_index(artifacts: Iterable[Image]) -> Image:
+    """The index a client keeps under the referrers tag schema (`<alg>-<hex>`)."""
+    descriptors = []
+    for artifact in artifacts:
+        doc = json.loads(artifact.manifest.data)
+        descriptors.append(artifact.manifest.descriptor(
+            artifactType=doc["artifactType"], annotations=doc["annotations"],
+        ))
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+    return Image("referrers", Blob(OCI_INDEX, canonical_json(index)))
+
+
+def push_over_http(registry_url: str, repository: str, reference: str, image: Image) -> None:
+    """Upload `image`'s blobs and put its manifest at `reference`, with plain registry API calls.
+
+    skopeo 1.9 does not copy artifacts (empty configs, `subject`), so these
+    go in the way a client of the distribution spec pushes them.
+    """
+    for blob in image.blobs:
+        start = urllib.request.Request(f"{registry_url}/v2/{repository}/blobs/uploads/", method="POST", data=b"")
+        with urllib.request.urlopen(start, timeout=10) as response:
+            location = urllib.parse.urljoin(registry_url, response.headers["Location"])
+        separator = "&" if "?" in location else "?"
+        upload = urllib.request.Request(
+            f"{location}{separator}digest={blob.digest}", method="PUT", data=blob.data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        urllib.request.urlopen(upload, timeout=10).close()
+    put = urllib.request.Request(
+        f"{registry_url}/v2/{repository}/manifests/{reference}", method="PUT", data=image.manifest.data,
+        headers={"Content-Type": image.manifest.media_type},
+    )
+    urllib.request.urlopen(put, timeout=10).close()

@@ -554,3 +554,31 @@ def containerd_daemon(workdir: Path, name: str = "containerd") -> Iterator[Conta
             what=f"containerd at {address}", alive=process.check_alive,
         )
         yield daemon
+
+
+# -- the paginating front of a registry -----------------------------------------------------
+
+
+@dataclass
+class PagingRegistry:
+    """`paging_registry.py` in front of a real registry (see that file for why)."""
+
+    url: str
+    host: str
+    log: RequestLog
+    process: Process
+
+
+@contextlib.contextmanager
+def paging_registry(workdir: Path, registry: Registry, name: str = "paging") -> Iterator[PagingRegistry]:
+    """The paginating front of `registry` on a free loopback port."""
+    base = workdir / name
+    base.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    script = Path(__file__).with_name("paging_registry.py")
+    log_path = base / "paging.log"
+    argv = [sys.executable, str(script), registry.url, str(port)]
+    with running(name, argv, log_path) as process:
+        url = f"http://{LOOPBACK}:{port}"
+        wait_for_http(process, url + "/v2/")
+        yield PagingRegistry(url, f"{LOOPBACK}:{port}", RequestLog(log_path), process)

@@ -17,7 +17,7 @@ import pytest
 from . import services
 from .clients import assert_served_from_right_place
 from .places import Places
-from .services import Containerd, Proxy
+from .services import Archeio, Containerd, Proxy
 from .topology import Catalog
 
 pytestmark = pytest.mark.integration
@@ -26,12 +26,13 @@ REGISTRY_NAME = "registry.archeio.test"
 
 
 @pytest.fixture(scope="module")
-def containerd(workdir: Path) -> Iterator[Containerd]:
+def containerd(workdir: Path, archeio: Archeio) -> Iterator[Containerd]:
+    """A fresh daemon (empty content store) for each archeio, so each engine's pull is a real one."""
     try:
         services.require_tools("containerd", "ctr")
     except services.MissingTool as exc:
         pytest.fail(str(exc), pytrace=False)
-    with services.containerd_daemon(workdir) as daemon:
+    with services.containerd_daemon(workdir, name=f"containerd-{archeio.url.rsplit(':', 1)[1]}") as daemon:
         yield daemon
 
 

@@ -17,7 +17,7 @@ import requests
 from . import services
 from .clients import assert_served_from_right_place, pulled_digest, skopeo_copy
 from .places import Places
-from .services import Proxy, Registry, S3Server
+from .services import Archeio, Proxy, Registry, S3Server
 from .topology import BUCKET_OF_CLIENT, CLIENTS, Catalog, archeio_settings
 
 pytestmark = pytest.mark.integration
@@ -28,14 +28,29 @@ CLIENT = "aws_region_one"
 @pytest.fixture(scope="module")
 def short_memory_proxy(
     workdir: Path, registry: Registry, signature_registry: Registry, s3: S3Server, catalog: Catalog,
+    archeio: Archeio,
 ) -> Iterator[Proxy]:
-    """nginx in front of an archeio that remembers found blobs for one second."""
-    settings = archeio_settings(workdir, registry, signature_registry, s3, ARCHEIO_CACHE_HIT_TTL="1")
+    """nginx in front of an archeio that remembers found blobs for one second (the session archeio's engine)."""
+    engine = archeio.env["ARCHEIO_HTTP"]
+    settings = archeio_settings(
+        workdir, registry, signature_registry, s3, ARCHEIO_CACHE_HIT_TTL="1", ARCHEIO_HTTP=engine
+    )
     with (
-        services.archeio_server(workdir, settings, name="archeio-short-ttl") as archeio,
-        services.nginx_proxy(workdir, archeio.url, CLIENTS, name="nginx-short-ttl") as proxy,
+        services.archeio_server(workdir, settings, name=f"archeio-short-ttl-{engine}") as short,
+        services.nginx_proxy(workdir, short.url, CLIENTS, name=f"nginx-short-ttl-{engine}") as proxy,
     ):
         yield proxy
+
+
+@pytest.fixture
+def doomed_in_bucket(s3: S3Server, catalog: Catalog) -> Iterator[str]:
+    """The bucket of CLIENT, holding every blob of the doomed image; put back afterwards."""
+    bucket = BUCKET_OF_CLIENT[CLIENT]
+    assert bucket is not None
+    yield bucket
+    for blob in catalog.doomed.blobs:
+        s3.put_public(bucket, services.blob_key(blob.digest), blob.data)
+        catalog.buckets.setdefault(bucket, set()).add(blob.digest)
 
 
 def redirect_target(url: str) -> str:
@@ -46,11 +61,11 @@ def redirect_target(url: str) -> str:
 
 def test_blob_deleted_from_the_bucket_is_pulled_from_the_registry_once_the_cache_entry_expires(
     short_memory_proxy: Proxy, proxy: Proxy, catalog: Catalog, places: Places, registry: Registry,
-    s3: S3Server, tmp_path: Path,
+    s3: S3Server, tmp_path: Path, doomed_in_bucket: str,
 ) -> None:
     image = catalog.doomed
-    bucket = BUCKET_OF_CLIENT[CLIENT]
-    assert bucket is not None and all(catalog.bucket_holds(bucket, b.digest) for b in image.blobs)
+    bucket = doomed_in_bucket
+    assert all(catalog.bucket_holds(bucket, b.digest) for b in image.blobs)
     mark = places.mark()
     skopeo_copy(short_memory_proxy, CLIENT, f"{image.name}:v1", tmp_path / "before")
     assert_served_from_right_place(places, mark, catalog, CLIENT, image.blobs)

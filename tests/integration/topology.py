@@ -80,3 +80,20 @@ def archeio_settings(
         "ARCHEIO_MIRRORS_FILE": str(mirrors),
         **extra,
     }
+
+
+# Artifacts referring to alpha (the referrers API), in the signature registry:
+# five, so that pages of two need three requests.
+REFERRER_TYPES = ("application/vnd.example.sbom.v1", "application/vnd.example.sbom.v1",
+                  "application/vnd.example.provenance.v1", "application/vnd.example.sbom.v1",
+                  "application/vnd.example.vex.v1")
+
+
+@dataclass
+class PagedWorld:
+    """An archeio whose upstreams page: each a paginating front of a real registry."""
+
+    archeio: services.Archeio
+    upstream: services.PagingRegistry  # in front of the source registry
+    signatures: services.PagingRegistry  # in front of the signature registry
+    referrers: tuple[Image, ...]  # the artifacts referring to alpha

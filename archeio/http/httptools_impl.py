@@ -1,0 +1,513 @@
+"""The lean engine: our own HTTP/1.1 protocol on httptools, the default.
+
+Why our own: every public answer is a tiny response to a GET or HEAD
+without a body, and aiohttp's per-request machinery (request and response
+objects, a task per request) costs several times the routing itself. This
+protocol parses with httptools (the parser uvicorn uses), answers
+synchronously whenever it can, and starts a task only when a blob needs an
+existence check. docs/performance.md has the numbers behind this choice;
+aiohttp_impl.py is the same flow on aiohttp's server.
+
+Guarantees kept here (docs/reliability.md lists the tests):
+- Answers leave in request order, whatever comes after them on the
+  connection: requests parsed behind one that waits for a check are queued;
+  a malformed request, an oversized one or bytes after a `Connection:
+  close` request end the input, and the error answer (if any) is sent after
+  every answer owed before it, then the connection closes.
+- Nothing is buffered without limit: input is fed to the parser in slices
+  of `SLICE` bytes; once `MAX_QUEUED` requests wait, reading pauses and the
+  rest of the read is held until the queue drains (as aiohttp pauses).
+- One client cannot hold the loop: at most `BUDGET` answers are given per
+  turn of the event loop, then the connection yields.
+- A request target over `max_request_line` bytes gets 414, headers over
+  `max_header_bytes` 431 (counted exactly per header; an unfinished head is
+  cut once its bytes, counted from the slice it began in, pass both limits
+  plus one slice, so complete requests before it never count), anything
+  unparseable 400.
+- `Expect: 100-continue` and `Upgrade` requests are answered at once, as
+  plain HTTP/1.1 with `Connection: close`, and the connection closes after.
+- Deadlines and the connection limit: connections.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from ..routing import Decision, LocalAnswer, oci_error
+from .connections import BUSY, IDLE, ConnectionTracker
+
+if TYPE_CHECKING:
+    from ..app import PendingCheck, RequestFlow
+    from ..config import Settings
+
+log = logging.getLogger("archeio.http")
+
+_METHODS = {b"GET": "GET", b"HEAD": "HEAD"}
+_XFF = b"x-forwarded-for"
+_TRACE = b"x-cloud-trace-context"
+_EXPECT = b"expect"
+_CONNECTION = b"connection"
+
+# Bytes fed to the parser at a time: the granularity of pausing, and the
+# slack of the unfinished-head limit.
+SLICE = 8192
+# Parsed requests waiting for their turn, at most, before reading pauses.
+MAX_QUEUED = 64
+# Answers given per turn of the event loop before the connection yields.
+BUDGET = 32
+
+# How an answer ends the exchange.
+KEEP = 0  # HTTP/1.1 keep-alive: nothing to say
+KEEP_1_0 = 1  # HTTP/1.0 keep-alive: must say so
+CLOSE = 2
+
+_CONNECTION_LINES = (b"", b"Connection: keep-alive\r\n", b"Connection: close\r\n")
+
+REASONS = {
+    200: b"OK",
+    307: b"Temporary Redirect",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+ERRORS: dict[int, LocalAnswer] = {
+    400: oci_error(400, "UNSUPPORTED", "malformed HTTP request"),
+    414: oci_error(414, "UNSUPPORTED", "request target too long"),
+    431: oci_error(431, "UNSUPPORTED", "request headers too large"),
+}
+UNAVAILABLE = oci_error(503, "UNAVAILABLE", "internal error, try again")
+
+
+class _StopParsing(Exception):
+    """Raised inside a parser callback to stop parsing (oversized, or input ended)."""
+
+
+class Wire:
+    """Renders decisions as HTTP/1.1 bytes, caching what does not change."""
+
+    _MAX_CACHED = 256
+
+    def __init__(self) -> None:
+        self.date = b""
+        # id(answer) -> (answer, its status line and headers up to the Date
+        # line); the answer is kept so that a reused id cannot match.
+        self._heads: dict[int, tuple[LocalAnswer, bytes]] = {}
+        self.tick()
+
+    def tick(self) -> None:
+        """Refresh the Date header; the engine calls this every second."""
+        self.date = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+
+    def redirect(self, location: str, mode: int) -> bytes:
+        return b"".join((
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: ",
+            location.encode("ascii"),
+            b"\r\nContent-Length: 0\r\n",
+            self.date,
+            _CONNECTION_LINES[mode],
+            b"\r\n",
+        ))
+
+    def answer(self, answer: LocalAnswer, head: bool, mode: int) -> bytes:
+        cached = self._heads.get(id(answer))
+        if cached is not None and cached[0] is answer:
+            lines = cached[1]
+        else:
+            if len(self._heads) >= self._MAX_CACHED:
+                self._heads.clear()
+            lines = _head_lines(answer)
+            self._heads[id(answer)] = (answer, lines)
+        return b"".join((lines, self.date, _CONNECTION_LINES[mode], b"\r\n", b"" if head else answer.body))
+
+
+def _head_lines(answer: LocalAnswer) -> bytes:
+    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, REASONS.get(answer.status, b"Unknown"))]
+    if answer.location is not None:
+        lines.append(b"Location: " + answer.location.encode("ascii") + b"\r\n")
+    if answer.content_type is not None:
+        lines.append(b"Content-Type: " + answer.content_type.encode("ascii") + b"\r\n")
+    for name, value in answer.headers:
+        lines.append(name.encode("ascii") + b": " + value.encode("ascii") + b"\r\n")
+    lines.append(b"Content-Length: %d\r\n" % len(answer.body))
+    return b"".join(lines)
+
+
+# A parsed request: (method, raw target, X-Forwarded-For, mode, X-Cloud-Trace-Context).
+_Request = tuple[str, bytes, bytes | None, int, bytes | None]
+
+
+class HttpToolsProtocol(asyncio.Protocol):
+    """One client connection of the public port."""
+
+    __slots__ = (
+        "state", "_engine", "_flow", "_tracker", "_wire", "_loop", "_transport", "_parser", "_peer",
+        "_url", "_forwarded", "_trace", "_expect", "_keep_alive_header", "_header_bytes",
+        "_head_began_at", "_fed", "_fed_before", "_too_large", "_early", "_queue", "_waiting",
+        "_input_closed", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
+        "_writing_paused", "_out", "_close_after_flush",
+    )
+
+    def __init__(self, engine: HttpToolsEngine) -> None:
+        self.state = IDLE
+        self._engine = engine
+        self._flow = engine.flow
+        self._tracker = engine.tracker
+        self._wire = engine.wire
+        self._loop = engine.loop
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer: str | None = None
+        # The request being parsed.
+        self._url = b""
+        self._forwarded: bytes | None = None
+        self._trace: bytes | None = None
+        self._expect = False
+        self._keep_alive_header = False
+        self._header_bytes = 0
+        # Input bytes fed before the slice in which the unfinished head
+        # began; -1 while no head is in progress.
+        self._head_began_at = -1
+        self._fed = 0
+        self._fed_before = 0
+        self._too_large = 0
+        self._early = False  # answered at its headers (Expect, Upgrade)
+        # Answering, in order.
+        self._queue: deque[_Request | int] = deque()  # an int: the final error answer
+        self._waiting = False  # the request at the head of the line awaits a check
+        self._input_closed = False
+        self._backlog = b""  # input held back while the queue is full
+        self._answered = 0  # answers given this turn
+        self._turn_scheduled = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._out: list[bytes] = []
+        self._close_after_flush = False
+
+    # -- connection lifecycle ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if isinstance(peer, tuple) else None
+        if not self._tracker.admit(self):
+            # Every open connection holds an accepted request: none may go.
+            transport.close()
+            self._transport = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tracker.remove(self)
+        self._transport = None
+        self._queue.clear()
+        self._backlog = b""
+
+    def close_now(self, reason: str) -> None:
+        """Close after sending what is already rendered (the tracker's call)."""
+        transport = self._transport
+        if transport is not None:
+            log.debug("closing connection from %s: %s", self._peer, reason)
+            self._input_closed = True
+            self._flush()
+            transport.close()
+            self._transport = None
+        self._tracker.remove(self)
+
+    def pause_writing(self) -> None:
+        # The client is not reading its answers: stop reading its requests.
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+
+    # -- input ----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._input_closed:
+            return  # after a close, an error or an upgrade: nothing more is read
+        if self._backlog:
+            self._backlog += data
+            return
+        self._answered = 0
+        if len(data) <= SLICE:
+            self._feed_slice(data)
+            if self._backlog or self._queue:
+                self._update_reading()
+        else:
+            self._feed(data)
+        if self._out:
+            self._flush()
+
+    def _feed(self, data: bytes) -> None:
+        """Feed input slice by slice; hold back the rest once the queue is full."""
+        pos, size = 0, len(data)
+        while pos < size and not self._input_closed:
+            if len(self._queue) >= MAX_QUEUED:
+                self._backlog = data[pos:]
+                break
+            self._feed_slice(data[pos : pos + SLICE])
+            pos += SLICE
+        self._update_reading()
+
+    def _feed_slice(self, chunk: bytes) -> None:
+        self._fed_before = self._fed
+        self._fed += len(chunk)
+        try:
+            self._parser.feed_data(chunk)
+        except httptools.HttpParserUpgrade:
+            pass  # the upgrade request was answered with Connection: close
+        except httptools.HttpParserError:
+            if not self._input_closed:  # bytes after `Connection: close` are ignored
+                self._refuse(self._too_large or 400)
+            return
+        if self._head_began_at >= 0 and self._fed - self._head_began_at > self._engine.max_head_bytes:
+            self._refuse(431)
+
+    def _refuse(self, status: int) -> None:
+        """End the input with an error answer, sent after every answer owed before it."""
+        self._input_closed = True
+        self._head_began_at = -1
+        self._backlog = b""
+        self._tracker.accepted(self)
+        self._queue.append(status)
+        self._drain()
+        self._update_reading()
+
+    # -- parser callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._input_closed:
+            raise _StopParsing  # the rest of a read after a request answered early
+        self._url = b""
+        self._forwarded = None
+        self._trace = None
+        self._expect = False
+        self._keep_alive_header = False
+        self._header_bytes = 0
+        self._head_began_at = self._fed_before
+        if self.state == IDLE:
+            self._tracker.reading(self)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._engine.max_request_line:
+            self._too_large = 414
+            raise _StopParsing
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name)
+        self._header_bytes += size + len(value) + 4
+        if self._header_bytes > self._engine.max_header_bytes:
+            self._too_large = 431
+            raise _StopParsing
+        if size == 15:
+            if name.lower() == _XFF:
+                # Repeated lines form one list, in order (RFC 9110 5.3).
+                self._forwarded = value if self._forwarded is None else self._forwarded + b"," + value
+        elif size == 21:
+            if name.lower() == _TRACE:
+                self._trace = value
+        elif size == 10:
+            if name.lower() == _CONNECTION and b"keep-alive" in value.lower():
+                self._keep_alive_header = True
+        elif size == 6 and name.lower() == _EXPECT:
+            self._expect = True
+
+    def on_headers_complete(self) -> None:
+        self._head_began_at = -1  # a body, if any, has the header deadline still
+        if self._expect or self._parser.should_upgrade():
+            # Answer now instead of 100 Continue or switching protocols, and
+            # read no further: the body or the other protocol is not ours.
+            self._early = True
+            self._accept(CLOSE)
+
+    def on_message_complete(self) -> None:
+        if self._early:
+            self._early = False
+            return
+        parser = self._parser
+        if not parser.should_keep_alive() or self._tracker.closing:
+            mode = CLOSE
+        elif self._keep_alive_header and parser.get_http_version() == "1.0":
+            mode = KEEP_1_0
+        else:
+            mode = KEEP
+        self._accept(mode)
+
+    def _accept(self, mode: int) -> None:
+        if mode == CLOSE:
+            self._input_closed = True
+        request = (_METHODS.get(self._parser.get_method(), "OTHER"), self._url, self._forwarded, mode, self._trace)
+        if self.state != BUSY:
+            self._tracker.accepted(self)
+        if self._queue or self._waiting or self._answered >= BUDGET:
+            self._queue.append(request)
+            if not self._waiting:
+                self._schedule_turn()
+            return
+        self._answered += 1
+        self._answer(request)
+
+    # -- answering ----------------------------------------------------------------------
+
+    def _answer(self, request: _Request) -> None:
+        method, url, forwarded, mode, trace = request
+        path, _, query = url.decode("latin-1").partition("?")
+        outcome = self._flow.respond(
+            method, path, query, forwarded.decode("latin-1") if forwarded else None, self._peer, trace,
+        )
+        kind = type(outcome)
+        if kind is Decision:
+            response = self._wire.redirect(outcome.location, mode)  # type: ignore[union-attr,arg-type]
+        elif kind is LocalAnswer:
+            response = self._wire.answer(outcome, method == "HEAD", mode)  # type: ignore[arg-type]
+        else:
+            self._waiting = True
+            self._tracker.awaiting_check += 1
+            self._engine.track(self._loop.create_task(
+                self._answer_later(outcome, method == "HEAD", mode)  # type: ignore[arg-type]
+            ))
+            return
+        self._respond(response, mode)
+
+    def _respond(self, response: bytes, mode: int) -> None:
+        self._out.append(response)
+        if mode == CLOSE:
+            self._close_after_flush = True
+            self._queue.clear()
+        elif not self._queue and not self._waiting:
+            self._tracker.answered(self, self._head_began_at >= 0)
+
+    async def _answer_later(self, pending: PendingCheck, head: bool, mode: int) -> None:
+        try:
+            decision = await self._flow.respond_after_check(pending)
+            response = self._wire.redirect(decision.location, mode)
+        except Exception:  # a bug, never the client's fault: log it, answer 503
+            log.exception("existence check failed unexpectedly")
+            self._flow.refused(503)
+            response = self._wire.answer(UNAVAILABLE, head, mode)
+        finally:
+            self._tracker.awaiting_check -= 1
+            self._waiting = False
+        if self._transport is None:
+            return
+        self._answered = 0
+        self._respond(response, mode)
+        self._pump()
+
+    def _schedule_turn(self) -> None:
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn_scheduled = False
+        if self._transport is not None:
+            self._answered = 0
+            self._pump()
+
+    def _pump(self) -> None:
+        """Answer what may be answered this turn, then read held-back input if there is room."""
+        self._drain()
+        if self._backlog and not self._waiting and len(self._queue) < MAX_QUEUED and self._answered < BUDGET:
+            data, self._backlog = self._backlog, b""
+            self._feed(data)
+        self._flush()
+        self._update_reading()
+
+    def _drain(self) -> None:
+        queue = self._queue
+        while queue and not self._waiting and self._transport is not None:
+            if self._answered >= BUDGET:
+                self._schedule_turn()
+                return
+            item = queue.popleft()
+            self._answered += 1
+            if type(item) is int:
+                self._flow.refused(item)
+                self._respond(self._wire.answer(ERRORS[item], False, CLOSE), CLOSE)
+                return
+            self._answer(item)  # type: ignore[arg-type]
+
+    def _flush(self) -> None:
+        out = self._out
+        transport = self._transport
+        if out and transport is not None:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        if self._close_after_flush and transport is not None:
+            self._transport = None
+            transport.close()
+            self._tracker.remove(self)
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        want = not (
+            self._input_closed or self._writing_paused or self._backlog or len(self._queue) >= MAX_QUEUED
+        )
+        if want and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        elif not want and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+
+
+class HttpToolsEngine:
+    """The public port served by `HttpToolsProtocol`."""
+
+    name = "httptools"
+
+    def __init__(self, flow: RequestFlow, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.flow = flow
+        self.loop = loop
+        self.tracker = ConnectionTracker(
+            loop, max_connections=settings.max_connections, header_timeout=settings.header_timeout,
+            keepalive_timeout=settings.keepalive_timeout,
+        )
+        self.wire = Wire()
+        self.max_request_line = settings.max_request_line
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_head_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a check's task referenced until it ends, so shutdown can wait for it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self, sock: Any) -> None:
+        self._server = await self.loop.create_server(lambda: HttpToolsProtocol(self), sock=sock)
+
+    def tick(self) -> None:
+        self.wire.tick()
+        self.tracker.sweep()
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def shutdown(self, grace: float) -> None:
+        """Idle connections close now; the others get `grace` seconds for their answers."""
+        tracker = self.tracker
+        tracker.close_idle()
+        deadline = self.loop.time() + grace
+        while (tracker.open or self._tasks) and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        tracker.close_all("grace period over")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

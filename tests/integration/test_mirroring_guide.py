@@ -1,0 +1,242 @@
+"""docs/mirroring.md, run: its marked commands copy images through archeio into a second registry.
+
+The guide's blocks marked `<!-- mirroring-test -->` are taken from the
+document itself and run in order (shell blocks with bash, the Python block
+with this interpreter, which has the oras SDK), so the guide and the test
+cannot drift apart. The only changes made to them: `registry.k8s.io`
+becomes the paged archeio (its upstream pages tag lists, as real
+registries do) and `mirror.example.internal:5000` a second real
+docker-registry; both speak plain HTTP, which skopeo is told through a
+registries.conf marking them insecure (the guide's `skopeo` is a shim that
+adds `--registries-conf`: skopeo 1.9 ignores CONTAINERS_REGISTRIES_CONF,
+and the system's file is not ours to change) and oras through the guide's
+own `HTTPS` switch.
+
+Afterwards every image in the mirror is compared with what was built and
+pushed (manifests byte for byte, every child of the index, every blob, the
+signature), and the two runtime configurations of the guide are used for
+real: skopeo with the guide's registries.conf (what CRI-O and podman read)
+and containerd with its hosts.toml must pull from the mirror, not from
+archeio.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from . import images, services
+from .images import Image, Layout, Platform
+from .services import Registry, S3Server
+from .topology import BUCKET_DEFAULT, UPSTREAM_PATH, PagedWorld
+
+pytestmark = pytest.mark.integration
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "mirroring.md"
+SOURCE_NAME = "registry.k8s.io"
+MIRROR_NAME = "mirror.example.internal:5000"
+_BLOCK = re.compile(r"<!-- mirroring-test(?:: (?P<label>[^>]+?))? -->\n```(?P<lang>\w+)\n(?P<body>.*?)```", re.S)
+
+
+@dataclass(frozen=True)
+class Block:
+    label: str | None  # a file the block stands for, or None for commands
+    lang: str
+    body: str
+
+
+def guide_blocks() -> list[Block]:
+    return [Block(m["label"], m["lang"], m["body"]) for m in _BLOCK.finditer(GUIDE.read_text())]
+
+
+@dataclass
+class Pushed:
+    """The images the guide copies, as built and pushed to the source registry."""
+
+    by_reference: dict[str, Image]  # "pause:3.10" -> image
+    signature: Image  # cosign's signature of kube-proxy:v1.31.0
+    signature_tag: str
+
+
+@pytest.fixture(scope="module")
+def pushed(workdir: Path, paged: PagedWorld, registry: Registry, signature_registry: Registry,
+           s3: S3Server) -> Pushed:
+    kube_proxy = images.multi_platform_image(
+        "kube-proxy", [Platform("linux", "amd64"), Platform("linux", "arm64")])
+    by_reference = {
+        "pause:3.9": images.sample_image("pause-3.9"),
+        "pause:3.10": images.sample_image("pause-3.10"),
+        "kube-proxy:v1.31.0": kube_proxy,
+        "coredns/coredns:v1.11.1": images.sample_image("coredns-1"),
+        "coredns/coredns:v1.11.3": images.sample_image("coredns-3"),
+        "coredns/coredns:v1.12.0": images.sample_image("coredns-12"),
+    }
+    layout = Layout(workdir / "guide-layout")
+    for reference, image in by_reference.items():
+        layout.add(image, reference)
+        name, tag = reference.rsplit(":", 1)
+        images.push(layout, reference, registry.host, f"{UPSTREAM_PATH}/{name}", tag)
+    signature = images.cosign_signature("kube-proxy", f"{SOURCE_NAME}/kube-proxy", kube_proxy)
+    tag = images.signature_tag(kube_proxy.digest)
+    layout.add(signature, "kube-proxy-signature")
+    images.push(layout, "kube-proxy-signature", signature_registry.host, f"{UPSTREAM_PATH}/kube-proxy", tag)
+    # Only a signature's manifest is sent to the signature registry; its blobs
+    # are requested as blobs, which go to the mirrors (then the source
+    # registry). As in production, the mirror holds them.
+    for blob in signature.blobs:
+        s3.put_public(BUCKET_DEFAULT, services.blob_key(blob.digest), blob.data)
+    return Pushed(by_reference, signature, tag)
+
+
+@pytest.fixture(scope="module")
+def mirror(workdir: Path) -> Iterator[Registry]:
+    with services.docker_registry(workdir, "mirror-registry") as running:
+        yield running
+
+
+def localize(text: str, source: str, mirror: str) -> str:
+    """The guide's host names replaced by the test's; plain HTTP where a URL names a scheme."""
+    text = text.replace(f"https://{SOURCE_NAME}", f"http://{source}").replace(f"https://{MIRROR_NAME}",
+                                                                               f"http://{mirror}")
+    return text.replace(SOURCE_NAME, source).replace(MIRROR_NAME, mirror)
+
+
+def insecure_registries_conf(path: Path, *hosts: str) -> Path:
+    path.write_text("".join(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n\n' for host in hosts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def guide_run(pushed: Pushed, paged: PagedWorld, mirror: Registry,
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Run every marked command block of the guide, in order; their outputs by block number."""
+    workdir = tmp_path_factory.mktemp("guide")
+    conf = insecure_registries_conf(workdir / "registries.conf", paged.archeio.host, mirror.host)
+    shims = workdir / "bin"
+    shims.mkdir()
+    skopeo = images.require_tools("skopeo")["skopeo"]
+    (shims / "skopeo").write_text(f'#!/bin/sh\nexec {skopeo} --registries-conf {conf} "$@"\n')
+    (shims / "skopeo").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}"}
+    outputs = {}
+    for number, block in enumerate(guide_blocks()):
+        if block.label is not None:
+            continue
+        body = localize(block.body, paged.archeio.host, mirror.host)
+        if block.lang == "sh":
+            argv = ["bash", "-euo", "pipefail", "-c", body]
+        elif block.lang == "python":
+            switch = "HTTPS = True"
+            assert switch in body, "the guide's oras block lost its HTTPS switch"
+            argv = [sys.executable, "-c", body.replace(switch, "HTTPS = False")]
+        else:
+            raise AssertionError(f"block {number}: no way to run {block.lang!r}")
+        done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, f"guide block {number} failed:\n{block.body}\n{done.stdout}\n{done.stderr}"
+        outputs[str(number)] = done.stdout
+    return outputs
+
+
+def mirrored_manifest(mirror: Registry, name: str, reference: str) -> bytes:
+    request = urllib.request.Request(
+        f"{mirror.url}/v2/{name}/manifests/{reference}",
+        headers={"Accept": ", ".join([images.OCI_MANIFEST, images.OCI_INDEX])},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return bytes(response.read())
+
+
+def mirror_holds_blob(mirror: Registry, name: str, digest: str) -> bool:
+    request = urllib.request.Request(f"{mirror.url}/v2/{name}/blobs/{digest}", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status) == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+def test_the_guide_has_command_blocks_and_both_runtime_configurations() -> None:
+    labels = {block.label for block in guide_blocks()}
+    assert {None, "containerd hosts.toml", "registries.conf"} <= labels
+    assert sum(1 for block in guide_blocks() if block.label is None) >= 5
+
+
+def test_every_image_of_the_guide_is_in_the_mirror_with_its_digest(
+    guide_run: dict[str, str], pushed: Pushed, mirror: Registry,
+) -> None:
+    for reference, image in pushed.by_reference.items():
+        name, tag = reference.rsplit(":", 1)
+        assert mirrored_manifest(mirror, name, tag) == image.manifest.data, reference
+        # An index is kept whole: every platform's manifest and every blob.
+        for child in image.children:
+            assert mirrored_manifest(mirror, name, child.digest) == child.manifest.data, (reference, child.platform)
+        for blob in image.blobs:
+            assert mirror_holds_blob(mirror, name, blob.digest), (reference, blob.digest)
+
+
+def test_the_signature_is_copied_along(guide_run: dict[str, str], pushed: Pushed, mirror: Registry) -> None:
+    assert mirrored_manifest(mirror, "kube-proxy", pushed.signature_tag) == pushed.signature.manifest.data
+    for blob in pushed.signature.blobs:
+        assert mirror_holds_blob(mirror, "kube-proxy", blob.digest)
+
+
+def test_the_guides_own_checks_report_the_source_digests(guide_run: dict[str, str], pushed: Pushed) -> None:
+    printed = "".join(guide_run.values())
+    assert f"pause:3.10 {pushed.by_reference['pause:3.10'].digest}" in printed
+    for reference in ("pause:3.9", "pause:3.10", "kube-proxy:v1.31.0", "coredns/coredns:v1.11.1"):
+        assert re.search(rf"^{re.escape(reference)}: [1-9]\d* blobs present$", printed, re.M), printed
+
+
+def _config_block(label: str, source: str, mirror: str) -> str:
+    [block] = [b for b in guide_blocks() if b.label == label]
+    return localize(block.body, source, mirror)
+
+
+def test_registries_conf_of_the_guide_pulls_from_the_mirror(
+    guide_run: dict[str, str], pushed: Pushed, paged: PagedWorld, mirror: Registry, tmp_path: Path,
+) -> None:
+    """What CRI-O and podman read, used through skopeo (the same containers/image library)."""
+    conf = _config_block("registries.conf", paged.archeio.host, mirror.host)
+    # Plain HTTP on both sides in the test; the guide's hosts speak HTTPS.
+    conf = re.sub(r'^(location = ".*")$', r"\1\ninsecure = true", conf, flags=re.M)
+    (tmp_path / "registries.conf").write_text(conf)
+    mirror_mark, upstream_mark = mirror.log.mark(), paged.upstream.log.mark()
+    done = subprocess.run(
+        [images.require_tools("skopeo")["skopeo"], "--registries-conf", str(tmp_path / "registries.conf"),
+         "inspect", "--raw", f"docker://{paged.archeio.host}/pause:3.10"],
+        capture_output=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == pushed.by_reference["pause:3.10"].manifest.data
+    assert any(r.path == "/v2/pause/manifests/3.10" for r in mirror.log.since(mirror_mark))
+    assert not any("/pause/" in r.path for r in paged.upstream.log.since(upstream_mark))
+
+
+def test_containerd_hosts_toml_of_the_guide_pulls_from_the_mirror(
+    guide_run: dict[str, str], pushed: Pushed, paged: PagedWorld, mirror: Registry, workdir: Path,
+) -> None:
+    hosts = workdir / "guide-containerd-hosts"
+    (hosts / paged.archeio.host).mkdir(parents=True, exist_ok=True)
+    (hosts / paged.archeio.host / "hosts.toml").write_text(
+        _config_block("containerd hosts.toml", paged.archeio.host, mirror.host))
+    image = pushed.by_reference["pause:3.10"]
+    mirror_mark, upstream_mark = mirror.log.mark(), paged.upstream.log.mark()
+    # A daemon of its own per archeio: an empty content store, so the pull is a real one.
+    name = "containerd-guide-" + paged.archeio.host.rsplit(":", 1)[1]
+    with services.containerd_daemon(workdir, name) as containerd:
+        pulled = containerd.ctr("images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native",
+                                f"{paged.archeio.host}/pause:3.10", timeout=120)
+        assert pulled.returncode == 0, pulled.stderr
+        listed = containerd.ctr("images", "ls")
+    assert image.digest in listed.stdout
+    fetched = {r.path for r in mirror.log.since(mirror_mark) if r.method == "GET"}
+    assert {f"/v2/pause/blobs/{blob.digest}" for blob in image.blobs} <= fetched
+    assert not any("/pause/" in r.path for r in paged.upstream.log.since(upstream_mark))

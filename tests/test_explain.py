@@ -1,0 +1,246 @@
+"""`archeio explain`: every decision branch, and agreement with a running server.
+
+The mirrors are a stand-in bucket (tests/bucket.py): `eu` is AWS
+eu-west-3's mirror, `cdn` the default one, so the live existence check is
+a real HEAD on loopback. Ranges are the real published files (or the
+embedded data); Azure comes from a small Service Tags file holding one
+real westeurope prefix, next to the AWS and Google Cloud files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from archeio.cli import main
+from archeio.config import Settings
+from archeio.explain import explain, request_for
+from iprange import CloudIndex, load_index
+
+from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY, make_settings, ranges_dir
+
+LB = "130.211.0.1"  # the load balancer's own entry
+AWS_US_WEST_2 = "54.148.0.1"  # a region our test mirrors file has no entry for
+AZURE_WESTEUROPE = "104.40.128.1"
+HELD = "sha256:" + "1" * 64
+MISSING = "sha256:" + "2" * 64
+UP = "http://upstream.example/v2/k8s-artifacts-prod/images/"
+
+
+def lb(client: str) -> str:
+    return f"{client}, {LB}"
+
+
+@pytest.fixture
+def ranges(tmp_path: Path) -> Path:
+    """AWS and Google Cloud as published (linked, not copied), plus a one-prefix Azure file."""
+    directory = tmp_path / "ranges"
+    directory.mkdir()
+    shared = ranges_dir()
+    if shared is not None:
+        for name in ("aws-ip-ranges.json", "gcp-cloud.json"):
+            (directory / name).symlink_to(shared / name)
+    else:
+        from iprange.embedded import load_embedded
+
+        for provider in load_embedded():
+            if provider.cloud == "AWS":
+                (directory / "aws-ip-ranges.json").write_text(json.dumps({
+                    "createDate": provider.serial,
+                    "prefixes": [{"ip_prefix": p, "region": r} for p, r in provider.prefixes if ":" not in p],
+                    "ipv6_prefixes": [{"ipv6_prefix": p, "region": r} for p, r in provider.prefixes if ":" in p],
+                }))
+            elif provider.cloud == "GCP":
+                (directory / "gcp-cloud.json").write_text(json.dumps({
+                    "creationTime": provider.serial,
+                    "prefixes": [{"ipv4Prefix" if ":" not in p else "ipv6Prefix": p, "scope": r}
+                                 for p, r in provider.prefixes],
+                }))
+    (directory / "azure-service-tags.json").write_text(json.dumps({
+        "changeNumber": 42,
+        "values": [{"name": "AzureCloud.westeurope",
+                    "properties": {"region": "westeurope", "addressPrefixes": ["104.40.128.0/17"]}}],
+    }))
+    return directory
+
+
+@pytest.fixture
+def settings(bucket: Any, ranges: Path, tmp_path: Path) -> Settings:
+    bucket.add("eu", HELD)
+    bucket.add("cdn", HELD)
+    mirrors = tmp_path / "mirrors.toml"
+    mirrors.write_text(f'[mirrors.AWS]\n"eu-west-3" = "{bucket.base("eu")}"\n')
+    return make_settings(
+        PORT="0", ARCHEIO_HOST="127.0.0.1", UPSTREAM_REGISTRY_ENDPOINT="http://upstream.example",
+        DEFAULT_AWS_BASE_URL=bucket.base("cdn"), ARCHEIO_MIRRORS_FILE=str(mirrors),
+        ARCHEIO_RANGES_DIR=str(ranges),
+    )
+
+
+@pytest.fixture
+def index(settings: Settings) -> CloudIndex:
+    return load_index(settings.ranges_dir)
+
+
+async def test_aws_region_with_a_mirror_that_holds_the_blob(settings: Settings, index: CloudIndex,
+                                                             bucket: Any) -> None:
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AWS_EU_WEST_3))
+    assert result.client is not None and result.client.address == AWS_EU_WEST_3
+    assert "entry 1 of 2" in result.client.source
+    assert result.placement is not None
+    assert (result.placement.cloud, result.placement.region, result.placement.prefix) == ("AWS", "eu-west-3",
+                                                                                           "35.180.0.0/16")
+    assert result.placement.data_source.endswith("aws-ip-ranges.json")
+    assert result.mirror is not None and result.mirror.url == bucket.base("eu")
+    assert '[mirrors.AWS] "eu-west-3"' in result.mirror.reason
+    assert result.check is not None and result.check.outcome == "hit"
+    assert (result.status, result.location) == (307, f"{bucket.base('eu')}/containers/images/{HELD}")
+
+
+async def test_aws_region_without_a_mirror_gets_the_default_and_its_miss(settings: Settings, index: CloudIndex,
+                                                                        bucket: Any) -> None:
+    result = await explain(settings, index, f"/v2/pause/blobs/{MISSING}", forwarded=lb(AWS_US_WEST_2))
+    assert result.placement is not None and result.placement.region == "us-west-2"
+    assert result.mirror is not None and result.mirror.url == bucket.base("cdn")
+    assert "no entry for AWS us-west-2" in result.mirror.reason
+    assert result.check is not None and result.check.outcome == "miss"
+    assert (result.status, result.location) == (307, UP + f"pause/blobs/{MISSING}")
+
+
+async def test_azure_client_gets_the_default_mirror(settings: Settings, index: CloudIndex, bucket: Any) -> None:
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AZURE_WESTEUROPE))
+    assert result.placement is not None
+    assert (result.placement.cloud, result.placement.region, result.placement.prefix) == (
+        "Azure", "westeurope", "104.40.128.0/17")
+    assert result.placement.data_date == "changeNumber 42"
+    assert result.mirror is not None and "no entry for Azure westeurope" in result.mirror.reason
+    assert result.location == f"{bucket.base('cdn')}/containers/images/{HELD}"
+
+
+async def test_google_cloud_client_goes_upstream_without_a_check(settings: Settings, index: CloudIndex,
+                                                                 bucket: Any) -> None:
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(GOOGLE_CLOUD))
+    assert result.placement is not None and result.placement.cloud == "GCP"
+    assert result.mirror is not None and result.mirror.url is None
+    assert result.check is None and sum(bucket.heads.values()) == 0
+    assert (result.status, result.location) == (307, UP + f"pause/blobs/{HELD}")
+
+
+async def test_unknown_client_gets_the_default_mirror(settings: Settings, index: CloudIndex, bucket: Any) -> None:
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(NOBODY))
+    assert result.placement is None
+    assert result.mirror is not None and "in no known cloud" in result.mirror.reason
+    assert result.location == f"{bucket.base('cdn')}/containers/images/{HELD}"
+    assert "in no cloud's published ranges" in result.render()
+
+
+async def test_ipv4_mapped_peer_is_placed_as_ipv4(settings: Settings, index: CloudIndex) -> None:
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", peer="::ffff:" + AWS_EU_WEST_3)
+    assert result.client is not None and "peer" in result.client.source
+    assert result.placement is not None and result.placement.prefix == "35.180.0.0/16"
+    assert any("IPv4-mapped" in note for note in result.notes)
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "reason"),
+    [(AWS_EU_WEST_3, "no entry before the 1 of trusted proxies"), (lb("not-an-ip"), "not an IP address")],
+)
+async def test_bad_forwarded_header_is_a_400_with_its_reason(settings: Settings, index: CloudIndex, bucket: Any,
+                                                             forwarded: str, reason: str) -> None:
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=forwarded)
+    assert (result.status, result.location, result.code) == (400, None, "UNSUPPORTED")
+    assert reason in result.render()
+    assert sum(bucket.heads.values()) == 0
+
+
+async def test_malformed_digest_is_refused_before_any_client_lookup(settings: Settings, index: CloudIndex,
+                                                                    bucket: Any) -> None:
+    result = await explain(settings, index, "/v2/pause/blobs/sha256:totallywrong", forwarded=lb(AWS_EU_WEST_3))
+    assert (result.status, result.code, result.client) == (400, "DIGEST_INVALID", None)
+    assert "64" in result.verdict and sum(bucket.heads.values()) == 0
+
+
+async def test_no_check_gives_both_possible_answers(settings: Settings, index: CloudIndex, bucket: Any) -> None:
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AWS_EU_WEST_3), check=False)
+    assert result.check is None and sum(bucket.heads.values()) == 0
+    assert result.if_in_mirror == f"{bucket.base('eu')}/containers/images/{HELD}"
+    assert result.location == UP + f"pause/blobs/{HELD}"
+
+
+async def test_manifest_does_not_depend_on_the_client(settings: Settings, index: CloudIndex) -> None:
+    result = await explain(settings, index, "pause:3.9", forwarded="garbage")
+    assert (result.kind, result.status, result.location) == ("manifest", 307, UP + "pause/manifests/3.9")
+    assert result.client is None
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        ("pause:3.9", "/v2/pause/manifests/3.9"),
+        ("pause", "/v2/pause/manifests/latest"),
+        ("kubernetes/pause@" + HELD, "/v2/kubernetes/pause/manifests/" + HELD),
+        ("registry.k8s.io/pause:3.9", "/v2/pause/manifests/3.9"),
+        ("localhost:5000/a/b:1", "/v2/a/b/manifests/1"),
+        ("/v2/pause/tags/list?n=2", "/v2/pause/tags/list"),
+    ],
+)
+def test_target_is_a_path_or_an_image_reference(target: str, path: str) -> None:
+    assert request_for(target)[0] == path
+
+
+def test_command_prints_json_for_scripts(settings: Settings, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARCHEIO_RANGES_DIR", str(settings.ranges_dir))
+    monkeypatch.setenv("UPSTREAM_REGISTRY_ENDPOINT", "http://upstream.example")
+    assert main(["explain", "--json", "--forwarded", lb(GOOGLE_CLOUD), f"/v2/pause/blobs/{HELD}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["status"], printed["location"]) == (307, UP + f"pause/blobs/{HELD}")
+    assert printed["placement"]["cloud"] == "GCP"
+
+
+def test_command_reads_the_serve_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--upstream-registry-path", "other/path", "pause:3.9"]) == 0
+    assert "/v2/other/path/pause/manifests/3.9" in capsys.readouterr().out
+
+
+def test_command_refuses_a_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--upstream-registry-endpoint", "ftp://x", "pause:3.9"]) == 2
+    assert "configuration error: --upstream-registry-endpoint='ftp://x'" in capsys.readouterr().err
+
+
+CONSISTENCY_CASES = [
+    (f"/v2/pause/blobs/{HELD}", lb(AWS_EU_WEST_3)),
+    (f"/v2/pause/blobs/{MISSING}", lb(AWS_EU_WEST_3)),
+    (f"/v2/pause/blobs/{HELD}", lb(AWS_US_WEST_2)),
+    (f"/v2/pause/blobs/{HELD}", lb(AZURE_WESTEUROPE)),
+    (f"/v2/pause/blobs/{HELD}", lb(GOOGLE_CLOUD)),
+    (f"/v2/pause/blobs/{HELD}", lb(NOBODY)),
+    (f"/v2/pause/blobs/{HELD}", lb("::ffff:" + AWS_EU_WEST_3)),
+    (f"/v2/pause/blobs/{HELD}", lb(f"{AWS_EU_WEST_3}:443")),
+    (f"/v2/pause/blobs/{HELD}", AWS_EU_WEST_3),
+    (f"/v2/pause/blobs/{HELD}", lb("not-an-ip")),
+    ("/v2/pause/blobs/sha256:totallywrong", lb(AWS_EU_WEST_3)),
+    ("/v2/pause/blobs/blake3:abc", lb(AWS_EU_WEST_3)),
+    ("/v2/pause/manifests/3.9", None),
+    ("/v2/pause/manifests/.INVALID_MANIFEST_NAME", None),
+    ("/v2/k8s-artifacts-prod/images/pause/tags/list?n=2&last=3.9", None),
+    ("/v2/Pause/manifests/1", None),
+    ("/v2/", None),
+]
+
+
+async def test_explain_answers_what_the_running_server_answers(
+    settings: Settings, index: CloudIndex, start_server: Any,
+) -> None:
+    server = await start_server(settings)
+    async with aiohttp.ClientSession() as session:
+        for target, forwarded in CONSISTENCY_CASES:
+            headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+            async with session.get(server.url + target, headers=headers, allow_redirects=False) as response:
+                served = (response.status, response.headers.get("Location"))
+            result = await explain(settings, index, target, forwarded=forwarded)
+            assert (result.status, result.location) == served, (target, forwarded)
