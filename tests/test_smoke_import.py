@@ -2,6 +2,12 @@
 
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_archeio_settings_command_prints_every_variable() -> None:
@@ -41,19 +47,36 @@ def test_access_lines_survive_a_warning_log_level() -> None:
         root.setLevel(level)
 
 
-def test_wheel_ships_every_package_and_the_mirror_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """`pip install .` (the README's first command) must carry all of it, not just an editable view."""
-    import zipfile
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    """The wheel `pip install .` (the README's first command) builds."""
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root),
-         "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(out)],
         check=True, capture_output=True, timeout=300,
     )
-    (wheel,) = tmp_path.glob("archeio-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    sources = [*root.glob("archeio/**/*.py"), *root.glob("iprange/**/*.py"), root / "archeio/data/aws-mirrors.toml"]
+    (path,) = out.glob("archeio-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_wheel_ships_every_package_and_the_mirror_table(wheel: zipfile.ZipFile) -> None:
+    """It must carry all of it, not just an editable view."""
+    names = set(wheel.namelist())
+    sources = [*ROOT.glob("archeio/**/*.py"), *ROOT.glob("iprange/**/*.py"), ROOT / "archeio/data/aws-mirrors.toml"]
     for source in sources:
-        assert str(source.relative_to(root)) in names
+        assert str(source.relative_to(ROOT)) in names
+
+
+def test_wheel_declares_its_license_as_an_spdx_expression(wheel: zipfile.ZipFile) -> None:
+    # The `license = {text = ...}` table is deprecated (setuptools warns at
+    # every build); the SPDX string becomes Metadata 2.4's License-Expression.
+    (metadata,) = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
+    headers = wheel.read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in headers
+    assert not any(line.startswith("License: ") for line in headers)
+
+
+def test_wheel_requires_boto3_only_for_the_mirror_extra(wheel: zipfile.ZipFile) -> None:
+    (metadata,) = [name for name in wheel.namelist() if name.endswith(".dist-info/METADATA")]
+    requires = [line for line in wheel.read(metadata).decode().splitlines() if line.startswith("Requires-Dist: boto")]
+    assert requires and all(line.endswith('; extra == "mirror"') for line in requires), requires

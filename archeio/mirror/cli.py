@@ -6,12 +6,14 @@ this module is cheap: boto3 and aiohttp are loaded only when a run starts,
 so `archeio serve` does not pay for them.
 
 Exit status: 0 when everything asked for is in every bucket (or, with
---dry-run, could be), 1 when anything failed, 2 for a usage error.
+--dry-run, could be), 1 when anything failed, 2 for a usage error or when
+the `mirror` extra (boto3) is not installed: the server does not need it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -73,8 +75,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a live bar, log lines, or auto: a bar on a terminal (default)")
 
 
+# What `pip install archeio` leaves out: boto3 serves only this command.
+MIRROR_EXTRA = ("boto3", "botocore")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `archeio mirror` with parsed arguments; returns the exit status."""
+    missing = [name for name in MIRROR_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"archeio mirror: needs {' and '.join(missing)}, which the server leaves out: "
+              "pip install 'archeio[mirror]'", file=sys.stderr)
+        return 2
     from .registry import parse_image_ref
     from .s3 import DestinationError
 
