@@ -51,6 +51,9 @@ access_log = logging.getLogger("archeio.access")
 HTTP = "http"
 
 _BLOB_TO_MIRROR = (BLOB, MIRROR, 307)
+# Distinct X-Forwarded-For values whose placement is remembered.
+CLIENTS_REMEMBERED = 4096
+_UNSEEN: Any = object()
 
 
 def _count(counts: dict[Any, int], key: Any) -> None:
@@ -99,6 +102,8 @@ class RequestFlow:
         # placement (None: in no range) -> backend -> count of blob decisions.
         self._blob_counts: dict[Placement | None, dict[str, int]] = {}
         # Bound methods of the hot path, looked up once.
+        # X-Forwarded-For value -> the client's placement (False: unusable).
+        self._clients: dict[str, Placement | None | Literal[False]] = {}
         self._classify = self.router.classify
         self._mirror_for = self.router.mirror_for
         self._cached = cache.cached
@@ -107,6 +112,7 @@ class RequestFlow:
         """Replace the range index whole: requests see the old or the new one."""
         self.index = index
         self.index_loaded_at = time.time()
+        self._clients = {}  # placements under the old index
 
     def refused(self, status: int) -> None:
         """Count an answer the HTTP layer gave before routing (400, 414, 431, 503)."""
@@ -150,8 +156,12 @@ class RequestFlow:
                           (time.perf_counter(), forwarded, peer, trace))
             return decision
 
-        address = client_ip(forwarded, peer, self._trusted_hops) if self._use_forwarded else peer
-        placement = self._placement(address) if address else False
+        if forwarded and self._use_forwarded:
+            placement = self._clients.get(forwarded, _UNSEEN)
+            if placement is _UNSEEN:
+                placement = self._client_placement(forwarded, peer)
+        else:
+            placement = self._placement(peer) if peer else False
         if placement is False:  # no usable client address
             return self._local(CLIENT_IP_INVALID, method, path, query, forwarded, peer, trace, BLOB)
         mirror = self._mirror_for(placement)
@@ -185,11 +195,16 @@ class RequestFlow:
         forwarded: str | None, peer: str | None, trace: bytes | None,
     ) -> Decision:
         decision = route.at_mirror.get(mirror) or self.router.mirror_decision(route, mirror)
-        try:  # _count(self.requests, ...), inline on the hot path
+        # _count(self.requests, ...) and _count_blob(placement, MIRROR), inline on the hot path
+        try:
             self.requests[_BLOB_TO_MIRROR] += 1
         except KeyError:
             self.requests[_BLOB_TO_MIRROR] = 1
-        self._count_blob(placement, MIRROR)
+        counts = self._blob_counts.get(placement)
+        try:
+            counts[MIRROR] += 1  # type: ignore[index]
+        except (KeyError, TypeError):
+            self._count_blob(placement, MIRROR)
         if self._access_sample:
             self._log(method, path, query, 307, BLOB, MIRROR, placement, decision.location,
                       (time.perf_counter(), forwarded, peer, trace))
@@ -225,6 +240,22 @@ class RequestFlow:
             counts[backend] += 1
         except KeyError:
             counts[backend] = 1
+
+    def _client_placement(self, forwarded: str, peer: str | None) -> Placement | None | Literal[False]:
+        """The placement of the client a header names, remembered for the next request with it.
+
+        A pull is a burst of requests from one client behind one load
+        balancer, so the same header value comes back many times: its
+        placement is remembered (at most `CLIENTS_REMEMBERED` values, the
+        table emptied when full, and when the range index changes).
+        """
+        address = client_ip(forwarded, peer, self._trusted_hops)
+        placement = self._placement(address) if address else False
+        if address is not peer:  # taken from the header, not the peer: the header alone decides
+            if len(self._clients) >= CLIENTS_REMEMBERED:
+                self._clients.clear()
+            self._clients[forwarded] = placement
+        return placement
 
     def _placement(self, address: str) -> Placement | None | Literal[False]:
         """The client's placement; False if the address is not an address."""

@@ -266,6 +266,13 @@ class BlobExistenceCache:
                 return False
             if breaker.state == HALF_OPEN:
                 return None  # allow() just granted this request the probe: make it check
+        # The hot path: a blob found in the young generation of the hits,
+        # ExpiringSet.has inline.
+        hits = self._hits
+        if now < hits._rotate_at:
+            young = hits._young.get(mirror)
+            if young is not None and digest in young:
+                return True
         return self._known(mirror, digest, now)
 
     def _known(self, mirror: str, digest: str, now: float) -> bool | None:

@@ -24,6 +24,8 @@ import yaml
 
 from archeio.config import SETTINGS, builtin_mirrors, parse_mirrors
 
+from .deploy_support import OLDEST_MINOR, kubectls
+
 REPO = Path(__file__).resolve().parent.parent
 LOADTEST = REPO / "deploy" / "loadtest"
 BENCHMARKS = REPO / "benchmarks"
@@ -61,32 +63,35 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", [])}
 
 
+def rendered(kubectl: str | None = None) -> list[dict[str, Any]]:
+    """`kubectl kustomize deploy/loadtest`: archeio (google-lb, patched) and the load test."""
+    kubectl = kubectl or kubectls()[OLDEST_MINOR]
+    result = subprocess.run([kubectl, "kustomize", str(LOADTEST)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{kubectl} kustomize deploy/loadtest: {result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def rendered_one(kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in rendered() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
 def patched_deployment() -> dict[str, Any]:
-    """deploy/kubernetes's Deployment with server-patch.yaml merged in (lists merged by name)."""
-    (deployment,) = load_all(REPO / "deploy" / "kubernetes" / "deployment.yaml")
-    patch = yaml.safe_load((LOADTEST / "server-patch.yaml").read_text())["spec"]["template"]["spec"]
-    spec = deployment["spec"]["template"]["spec"]
-
-    def merge(into: list[dict[str, Any]], extra: list[dict[str, Any]]) -> None:
-        names = {item["name"]: i for i, item in enumerate(into)}
-        for item in extra:
-            if item["name"] in names:
-                into[names[item["name"]]] = item
-            else:
-                into.append(item)
-
-    for container_patch in patch["containers"]:
-        (container,) = [c for c in spec["containers"] if c["name"] == container_patch["name"]]
-        merge(container.setdefault("env", []), container_patch.get("env", []))
-        merge(container.setdefault("volumeMounts", []), container_patch.get("volumeMounts", []))
-    merge(spec.setdefault("volumes", []), patch.get("volumes", []))
-    return dict(deployment)
+    """deploy/kubernetes's Deployment as the load test renders it, server-patch.yaml merged in."""
+    return rendered_one("Deployment", "archeio")
 
 
 def test_the_kustomization_lists_every_resource_file() -> None:
     on_disk = {p.name for p in LOADTEST.glob("*.yaml")} - {"kustomization.yaml", "server-patch.yaml"}
     assert {p.name for p in resource_files()} == on_disk
-    assert set(yaml.safe_load((LOADTEST / "kustomization.yaml").read_text())) == {"apiVersion", "kind", "resources"}
+    kustomization = yaml.safe_load((LOADTEST / "kustomization.yaml").read_text())
+    assert kustomization["bases"] == ["../kubernetes/overlays/google-lb"]
+    assert kustomization["patchesStrategicMerge"] == ["server-patch.yaml"]
+
+
+def test_the_load_test_renders_alike_with_every_kubectl() -> None:
+    renderings = {minor: rendered(path) for minor, path in kubectls().items()}
+    assert all(docs == renderings[OLDEST_MINOR] for docs in renderings.values())
 
 
 def test_loadtest_manifests_pass_strict_schema_validation() -> None:
@@ -96,11 +101,14 @@ def test_loadtest_manifests_pass_strict_schema_validation() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_patched_server_deployment_passes_strict_schema_validation(tmp_path: Path) -> None:
-    patched = tmp_path / "deployment.yaml"
-    patched.write_text(yaml.safe_dump(patched_deployment()))
-    result = kubernetes_validate(patched)
+def test_the_rendered_load_test_with_its_server_passes_strict_schema_validation(tmp_path: Path) -> None:
+    everything = tmp_path / "rendered.yaml"
+    everything.write_text(yaml.safe_dump_all(rendered()))
+    result = kubernetes_validate(everything)
     assert result.returncode == 0, result.stdout + result.stderr
+    images = {c["image"] for d in rendered() if d["kind"] in ("Deployment", "Job")
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    assert images == {"registry.example.com/archeio:latest", "registry.example.com/archeio-loadtest:latest"}
 
 
 def test_worker_count_agrees_in_its_three_places() -> None:
@@ -142,7 +150,7 @@ def test_every_other_variable_is_a_locustfile_knob_or_a_server_setting() -> None
 
 
 def test_the_load_targets_the_archeio_service() -> None:
-    (service,) = load_all(REPO / "deploy" / "kubernetes" / "service.yaml")
+    service = rendered_one("Service", "archeio")
     (port,) = service["spec"]["ports"]
     assert settings()["LOCUST_HOST"] == f"http://{service['metadata']['name']}:{port['port']}"
 
