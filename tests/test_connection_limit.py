@@ -105,6 +105,7 @@ class _Conn:
     def __init__(self, name: str) -> None:
         self.name = name
         self.state = IDLE
+        self.last_active = 0.0
         self.closed_for = ""
 
     def close_now(self, reason: str) -> None:

@@ -53,10 +53,11 @@ _REQUEST_LINE_EXTRA = 32
 class _TrackedConnection(asyncio.Protocol):
     """aiohttp's connection handler, with its state reported to the tracker."""
 
-    __slots__ = ("state", "engine", "inner", "transport", "more", "made")
+    __slots__ = ("state", "last_active", "engine", "inner", "transport", "more", "made")
 
     def __init__(self, engine: AiohttpEngine) -> None:
         self.state = IDLE
+        self.last_active = 0.0
         self.engine = engine
         self.inner = engine.server()
         self.transport: asyncio.BaseTransport | None = None

@@ -43,6 +43,9 @@ class Connection(Protocol):
     """What the tracker needs of a connection, whichever engine runs it."""
 
     state: int
+    # When it last became idle or was last answered (loop time; an engine may
+    # stamp it with a clock that is up to a second old).
+    last_active: float
 
     def close_now(self, reason: str) -> None:
         """Close the transport at once; the engine calls `ConnectionTracker.remove`."""
@@ -60,8 +63,10 @@ class ConnectionTracker:
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
         self.open: set[Connection] = set()
-        # connection -> since when (loop time), oldest first.
-        self._idle: OrderedDict[Connection, float] = OrderedDict()
+        # Idle connections, the longest idle first (each one's `last_active`
+        # says since when); an engine moves one to the end as it answers it.
+        self._idle: OrderedDict[Connection, None] = OrderedDict()
+        # Connections reading a request -> since when (loop time), oldest first.
         self._reading: OrderedDict[Connection, float] = OrderedDict()
         # Requests waiting for an existence check (both engines count them).
         self.awaiting_check = 0
@@ -117,7 +122,8 @@ class ConnectionTracker:
             self._reading[conn] = self.loop.time()
         else:
             conn.state = IDLE
-            self._idle[conn] = self.loop.time()
+            conn.last_active = self.loop.time()
+            self._idle[conn] = None
 
     def remove(self, conn: Connection) -> None:
         """The connection is closed (idempotent)."""
@@ -157,8 +163,8 @@ class ConnectionTracker:
             self.closed["header_timeout"] += 1
             self._close(conn, "header timeout")
         while self._idle:
-            conn, since = next(iter(self._idle.items()))
-            if now - since <= self.keepalive_timeout:
+            conn = next(iter(self._idle))
+            if now - conn.last_active <= self.keepalive_timeout:
                 break
             self.closed["keepalive_timeout"] += 1
             self._close(conn, "idle")

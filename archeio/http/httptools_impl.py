@@ -100,10 +100,12 @@ class _StopParsing(Exception):
 class Wire:
     """Renders decisions as HTTP/1.1 bytes, caching what does not change."""
 
-    _MAX_CACHED = 256
+    _MAX_CACHED = 4096
 
     def __init__(self) -> None:
         self.date = b""
+        # Decision -> its keep-alive 307, rendered with the current Date.
+        self._decided: dict[Decision, bytes] = {}
         # id(answer) -> (answer, its status line and headers up to the Date
         # line); the answer is kept so that a reused id cannot match.
         self._heads: dict[int, tuple[LocalAnswer, bytes]] = {}
@@ -112,6 +114,22 @@ class Wire:
     def tick(self) -> None:
         """Refresh the Date header; the engine calls this every second."""
         self.date = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        self._decided.clear()
+
+    def decided(self, decision: Decision, mode: int) -> bytes:
+        """A decision's 307; the keep-alive rendering of each decision is kept until the Date changes.
+
+        The flow hands out the same decision object for the same route and
+        mirror, so popular blobs and manifests are rendered once a second.
+        """
+        if mode == KEEP:
+            rendered = self._decided.get(decision)
+            if rendered is None:
+                if len(self._decided) >= self._MAX_CACHED:
+                    self._decided.clear()
+                rendered = self._decided[decision] = self.redirect(decision.location, KEEP)
+            return rendered
+        return self.redirect(decision.location, mode)
 
     def redirect(self, location: str, mode: int) -> bytes:
         return b"".join((
@@ -155,7 +173,7 @@ class HttpToolsProtocol(asyncio.Protocol):
     """One client connection of the public port."""
 
     __slots__ = (
-        "state", "_engine", "_flow", "_tracker", "_wire", "_loop", "_transport", "_parser", "_peer",
+        "state", "last_active", "_engine", "_flow", "_tracker", "_wire", "_loop", "_transport", "_parser", "_peer",
         "_url", "_forwarded", "_trace", "_flags", "_header_bytes",
         "_head_began_at", "_fed", "_fed_before", "_too_large", "_queue", "_waiting",
         "_input_closed", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
@@ -164,6 +182,7 @@ class HttpToolsProtocol(asyncio.Protocol):
 
     def __init__(self, engine: HttpToolsEngine) -> None:
         self.state = IDLE
+        self.last_active = 0.0
         self._engine = engine
         self._flow = engine.flow
         self._tracker = engine.tracker
@@ -394,7 +413,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         )
         kind = type(outcome)
         if kind is Decision:
-            response = self._wire.redirect(outcome.location, mode)  # type: ignore[union-attr,arg-type]
+            response = self._wire.decided(outcome, mode)  # type: ignore[arg-type]
         elif kind is LocalAnswer:
             response = self._wire.answer(outcome, method == "HEAD", mode)  # type: ignore[arg-type]
         else:
@@ -413,10 +432,10 @@ class HttpToolsProtocol(asyncio.Protocol):
         elif not self._queue and not self._waiting:
             tracker = self._tracker
             if self.state == IDLE and not tracker.closing:
-                # Idle before and after: tracker.touch(self), inline.
-                idle = tracker._idle
-                idle.move_to_end(self)
-                idle[self] = self._loop.time()
+                # Idle before and after: the longest idle go first, so it
+                # goes to the back of the line, stamped with the coarse clock.
+                tracker._idle.move_to_end(self)
+                self.last_active = self._engine.now
             else:
                 tracker.answered(self, self._head_began_at >= 0)
 
@@ -431,7 +450,7 @@ class HttpToolsProtocol(asyncio.Protocol):
     async def _answer_later(self, pending: PendingCheck, head: bool, mode: int) -> None:
         try:
             decision = await self._flow.respond_after_check(pending)
-            response = self._wire.redirect(decision.location, mode)
+            response = self._wire.decided(decision, mode)
         except Exception:  # a bug, never the client's fault: log it, answer 503
             log.exception("existence check failed unexpectedly")
             self._flow.refused(503)
@@ -518,6 +537,8 @@ class HttpToolsEngine:
             keepalive_timeout=settings.keepalive_timeout,
         )
         self.wire = Wire()
+        # A clock for stamping connections on the hot path, refreshed every second.
+        self.now = loop.time()
         self.max_request_line = settings.max_request_line
         self.max_header_bytes = settings.max_header_bytes
         self.max_head_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
@@ -533,6 +554,7 @@ class HttpToolsEngine:
         self._server = await self.loop.create_server(lambda: HttpToolsProtocol(self), sock=sock)
 
     def tick(self) -> None:
+        self.now = self.loop.time()
         self.wire.tick()
         self.tracker.sweep()
 
