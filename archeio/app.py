@@ -64,7 +64,10 @@ def _count(counts: dict[Any, int], key: Any) -> None:
 
 # What an access log line needs beyond the decision: (start time, X-Forwarded-For,
 # peer address, X-Cloud-Trace-Context); only built for sampled requests.
-AccessContext = tuple[float, str | None, str | None, bytes | None]
+AccessContext = tuple[float, "Forwarded", str | None, bytes | None]
+
+# X-Forwarded-For, joined: text, or the raw header bytes (latin-1).
+Forwarded = str | bytes | None
 
 
 class PendingCheck(NamedTuple):
@@ -103,7 +106,7 @@ class RequestFlow:
         self._blob_counts: dict[Placement | None, dict[str, int]] = {}
         # Bound methods of the hot path, looked up once.
         # X-Forwarded-For value -> the client's placement (False: unusable).
-        self._clients: dict[str, Placement | None | Literal[False]] = {}
+        self._clients: dict[str | bytes, Placement | None | Literal[False]] = {}
         self._classify = self.router.classify
         self._mirror_for = self.router.mirror_for
         self._cached = cache.cached
@@ -132,14 +135,16 @@ class RequestFlow:
     # -- the flow -------------------------------------------------------------
 
     def respond(
-        self, method: str, path: str, query: str, forwarded: str | None, peer: str | None,
+        self, method: str, path: str, query: str, forwarded: Forwarded, peer: str | None,
         trace: bytes | None = None,
     ) -> Outcome:
         """The decision for one request; a `PendingCheck` when a HEAD is needed.
 
         `path` and `query` are the raw request target split at the first
         '?', bytes as latin-1 characters; `forwarded` is every
-        X-Forwarded-For line joined in order with commas.
+        X-Forwarded-For line joined in order with commas, as text or as the
+        raw header bytes (read as latin-1 only if needed: most requests are
+        not blobs, and most blobs come from a client seen before).
         """
         route = self._classify(method, path)
         if type(route) is not Route:
@@ -192,7 +197,7 @@ class RequestFlow:
 
     def _to_mirror(
         self, method: str, path: str, query: str, route: Route, mirror: str, placement: Placement | None,
-        forwarded: str | None, peer: str | None, trace: bytes | None,
+        forwarded: Forwarded, peer: str | None, trace: bytes | None,
     ) -> Decision:
         decision = route.at_mirror.get(mirror) or self.router.mirror_decision(route, mirror)
         # _count(self.requests, ...) and _count_blob(placement, MIRROR), inline on the hot path
@@ -212,7 +217,7 @@ class RequestFlow:
 
     def _to_upstream(
         self, method: str, path: str, query: str, route: Route, placement: Placement | None,
-        forwarded: str | None, peer: str | None, trace: bytes | None,
+        forwarded: Forwarded, peer: str | None, trace: bytes | None,
     ) -> Decision:
         decision = route.plain if not query else self.router.upstream_location(route, query)
         _count(self.requests, route.counted)
@@ -223,7 +228,7 @@ class RequestFlow:
         return decision
 
     def _local(
-        self, answer: LocalAnswer, method: str, path: str, query: str, forwarded: str | None,
+        self, answer: LocalAnswer, method: str, path: str, query: str, forwarded: Forwarded,
         peer: str | None, trace: bytes | None, kind: str = "other",
     ) -> LocalAnswer:
         _count(self.requests, (kind, LOCAL, answer.status))
@@ -241,7 +246,7 @@ class RequestFlow:
         except KeyError:
             counts[backend] = 1
 
-    def _client_placement(self, forwarded: str, peer: str | None) -> Placement | None | Literal[False]:
+    def _client_placement(self, forwarded: str | bytes, peer: str | None) -> Placement | None | Literal[False]:
         """The placement of the client a header names, remembered for the next request with it.
 
         A pull is a burst of requests from one client behind one load
@@ -249,7 +254,8 @@ class RequestFlow:
         placement is remembered (at most `CLIENTS_REMEMBERED` values, the
         table emptied when full, and when the range index changes).
         """
-        address = client_ip(forwarded, peer, self._trusted_hops)
+        text = forwarded.decode("latin-1") if type(forwarded) is bytes else forwarded
+        address = client_ip(text, peer, self._trusted_hops)  # type: ignore[arg-type]
         placement = self._placement(address) if address else False
         if address is not peer:  # taken from the header, not the peer: the header alone decides
             if len(self._clients) >= CLIENTS_REMEMBERED:
@@ -280,6 +286,8 @@ class RequestFlow:
         if random.random() >= self._access_sample:
             return
         started, forwarded, peer, trace = request
+        if isinstance(forwarded, bytes):
+            forwarded = forwarded.decode("latin-1")
         url = path + ("?" + query if query else "")
         remote = client_ip(forwarded, peer, self._trusted_hops) if self._use_forwarded else peer
         fields: dict[str, object] = {

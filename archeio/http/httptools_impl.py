@@ -61,6 +61,10 @@ SLICE = 8192
 MAX_QUEUED = 64
 # Answers given per turn of the event loop before the connection yields.
 BUDGET = 32
+# Raw request targets remembered as text (the table is emptied when full);
+# longer ones are not remembered, like the router's paths.
+_TARGETS_REMEMBERED = 4096
+_TARGET_REMEMBERED_LENGTH = 512
 
 # How an answer ends the exchange.
 KEEP = 0  # HTTP/1.1 keep-alive: nothing to say
@@ -173,7 +177,8 @@ class HttpToolsProtocol(asyncio.Protocol):
     """One client connection of the public port."""
 
     __slots__ = (
-        "state", "last_active", "_engine", "_flow", "_tracker", "_wire", "_loop", "_transport", "_parser", "_peer",
+        "state", "last_active", "_engine", "_flow", "_tracker", "_wire", "_targets", "_loop", "_transport",
+        "_parser", "_peer",
         "_url", "_forwarded", "_trace", "_flags", "_header_bytes",
         "_head_began_at", "_fed", "_fed_before", "_too_large", "_queue", "_waiting",
         "_input_closed", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
@@ -187,6 +192,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._flow = engine.flow
         self._tracker = engine.tracker
         self._wire = engine.wire
+        self._targets = engine.targets
         self._loop = engine.loop
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -407,10 +413,10 @@ class HttpToolsProtocol(asyncio.Protocol):
     # -- answering ----------------------------------------------------------------------
 
     def _answer(self, method: str, url: bytes, forwarded: bytes | None, mode: int, trace: bytes | None) -> None:
-        path, _, query = url.decode("latin-1").partition("?")
-        outcome = self._flow.respond(
-            method, path, query, forwarded.decode("latin-1") if forwarded is not None else None, self._peer, trace,
-        )
+        target = self._targets.get(url)
+        if target is None:
+            target = self._engine.split_target(url)
+        outcome = self._flow.respond(method, target[0], target[1], forwarded, self._peer, trace)
         kind = type(outcome)
         if kind is Decision:
             response = self._wire.decided(outcome, mode)  # type: ignore[arg-type]
@@ -537,6 +543,8 @@ class HttpToolsEngine:
             keepalive_timeout=settings.keepalive_timeout,
         )
         self.wire = Wire()
+        # Raw request target -> (path, query): popular targets repeat.
+        self.targets: dict[bytes, tuple[str, str]] = {}
         # A clock for stamping connections on the hot path, refreshed every second.
         self.now = loop.time()
         self.max_request_line = settings.max_request_line
@@ -544,6 +552,19 @@ class HttpToolsEngine:
         self.max_head_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
+
+    def split_target(self, url: bytes) -> tuple[str, str]:
+        """The raw target as (path, query) text, remembered for the next request with it.
+
+        The same strings each time also spare the router hashing the path
+        again: a string keeps its hash.
+        """
+        path, _, query = url.decode("latin-1").partition("?")
+        if len(url) <= _TARGET_REMEMBERED_LENGTH:
+            if len(self.targets) >= _TARGETS_REMEMBERED:
+                self.targets.clear()
+            self.targets[url] = (path, query)
+        return path, query
 
     def track(self, task: asyncio.Task[Any]) -> None:
         """Keep a check's task referenced until it ends, so shutdown can wait for it."""
