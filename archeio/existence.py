@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import Counter
@@ -316,6 +317,10 @@ class BlobExistenceCache:
         return found
 
     async def _head(self, mirror: str, digest: str) -> bool:
+        if "aiohttp" not in sys.modules:
+            # The first HEAD of the process: the client's import (about
+            # 0.1 s) runs in a thread, so the loop goes on answering others.
+            await asyncio.to_thread(_import_client)
         import aiohttp
 
         session = self._session if self._session is not None else self._open_session()

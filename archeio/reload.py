@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iprange import CloudIndex, ProviderRanges, RangeFileError, describe
+from iprange.judge import LOSS, OLDER, SAME, check_prefixes, compare
 from iprange.parse import FILE_NAMES, parse_file
-from iprange.update import LOSS, OLDER, SAME, check_prefixes, compare
 
 from .app import RequestFlow
 

@@ -142,7 +142,6 @@ class Server:
             self.stopping.set()
         if signals.take(signal.SIGHUP):
             reloader.request("SIGHUP held during start-up")
-        warm_client()
         background = [loop.create_task(self._housekeeping(engine))]
         if settings.ranges_refresh:
             background.append(loop.create_task(reloader.refresh_every(settings.ranges_refresh)))
@@ -150,6 +149,8 @@ class Server:
         try:
             if self.admin:
                 admin = await start_admin(settings.admin_host, settings.admin_port, self)
+            # Serving already: the HEAD client's import goes on beside the requests.
+            warm_client()
             self._report()
             await self.stopping.wait()
             self.draining = True

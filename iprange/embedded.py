@@ -8,16 +8,12 @@ the three clouds the router knows.
 
 from __future__ import annotations
 
-import datetime
-import gzip
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 
-import msgpack
-
+from .index import CloudIndex
 from .parse import AWS, AZURE, GCP, ProviderRanges, RangeFileError
 
 _PACKAGE = "cloudip"
@@ -49,7 +45,7 @@ def _keep(cloud: str, entry: dict[str, object]) -> bool:
 
 
 # Bump when the compiled form changes shape.
-_COMPILED_VERSION = 1
+_COMPILED_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -80,17 +76,27 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
         compiled = _compiled_path(source)
         doc = json.loads(compiled.read_bytes())
         return [
-            ProviderRanges(p["cloud"], tuple((a, b) for a, b in p["prefixes"]), p["serial"], p["date"])
+            ProviderRanges(
+                p["cloud"],
+                tuple((prefix, region) for region, joined in p["regions"].items() for prefix in joined.split()),
+                p["serial"], p["date"], checked=True,
+            )
             for p in doc
         ]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     providers = decode_embedded(source)
+    import tempfile  # only here: a start that reads the compiled form needs none of this
+
     try:
         compiled.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=compiled.parent, delete=False, suffix=".tmp") as out:
+            # Checked by building the index, listed once (the first region
+            # of a prefix, as the index keeps it), grouped by region and
+            # joined with spaces: the fastest form to read back.
+            CloudIndex(providers)
             json.dump([
-                {"cloud": p.cloud, "serial": p.serial, "date": p.date, "prefixes": p.prefixes}
+                {"cloud": p.cloud, "serial": p.serial, "date": p.date, "regions": _by_region(p.prefixes)}
                 for p in providers
             ], out)
         os.chmod(out.name, 0o644)  # an image built as root is run as another user
@@ -100,8 +106,24 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
     return providers
 
 
+def _by_region(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """region -> its prefixes joined by spaces, each prefix once (its first region)."""
+    seen: set[str] = set()
+    grouped: dict[str, list[str]] = {}
+    for prefix, region in pairs:
+        if prefix not in seen:
+            seen.add(prefix)
+            grouped.setdefault(region, []).append(prefix)
+    return {region: " ".join(prefixes) for region, prefixes in grouped.items()}
+
+
 def decode_embedded(path: Path | None = None) -> list[ProviderRanges]:
     """Parse the embedded database into one `ProviderRanges` per cloud."""
+    import datetime
+    import gzip
+
+    import msgpack
+
     path = path or data_file()
     try:
         doc = msgpack.unpackb(gzip.decompress(path.read_bytes()), raw=False)

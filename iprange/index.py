@@ -11,7 +11,6 @@ reference, so a request never sees a half-built index.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -43,6 +42,9 @@ class CloudIndex:
         self.prefix_counts: dict[str, int] = {}
         for provider in providers:
             self.providers[provider.cloud] = provider
+            if provider.checked:
+                self.prefix_counts[provider.cloud] = self._add_checked(provider, placements)
+                continue
             count = 0
             for prefix, region in provider.prefixes:
                 key = (provider.cloud, region)
@@ -65,6 +67,23 @@ class CloudIndex:
                 except (ValueError, KeyError, SystemError) as exc:
                     raise RangeFileError(f"{provider.cloud}: bad prefix {prefix!r}") from exc
             self.prefix_counts[provider.cloud] = count
+
+    def _add_checked(self, provider: ProviderRanges, placements: dict[tuple[str, str], Placement]) -> int:
+        """Insert prefixes already checked and listed once, grouped by region: no checks."""
+        v4, v6 = self._v4, self._v6
+        region = placement = None
+        for prefix, prefix_region in provider.prefixes:
+            if prefix_region is not region:
+                region = prefix_region
+                key = (provider.cloud, region)
+                placement = placements.get(key)
+                if placement is None:
+                    placement = placements[key] = Placement(*key)
+            if ":" in prefix:
+                v6[prefix] = placement
+            else:
+                v4[prefix] = placement
+        return len(provider.prefixes)
 
     def __len__(self) -> int:
         return len(self._v4) + len(self._v6)
@@ -99,12 +118,16 @@ class CloudIndex:
         if lowered.startswith("::ffff:") and "." in lowered:
             # The usual spelling, as dual-stack sockets report IPv4 peers.
             return self._v4.get(address[7:])  # type: ignore[no-any-return]
+        import ipaddress
+
         mapped = ipaddress.IPv6Address(address).ipv4_mapped
         return None if mapped is None else self._v4.get(str(mapped))
 
     def _lookup_unusual(self, address: str) -> Placement | None:
         # Off the hot path: strings the trees refuse. A zone id
         # (fe80::1%eth0) names an interface, not a different address.
+        import ipaddress
+
         try:
             parsed = ipaddress.ip_address(address.split("%", 1)[0] if ":" in address else address)
         except ValueError:
@@ -122,6 +145,8 @@ class CloudIndex:
         accepts what `lookup` accepts (IPv4-mapped IPv6 is looked up as
         IPv4, a zone id is ignored) and raises `InvalidAddress` likewise.
         """
+        import ipaddress
+
         try:
             parsed = ipaddress.ip_address(address.split("%", 1)[0] if ":" in address else address)
         except ValueError:

@@ -44,6 +44,10 @@ class ProviderRanges:
     serial: str
     # Human-readable date of the data, for start-up logs and `iprange`.
     date: str
+    # True when every prefix is known to be a valid network, listed once,
+    # and the pairs come grouped by region (the compiled embedded data):
+    # CloudIndex then skips its checks, which are most of its build time.
+    checked: bool = False
 
 
 def _require(doc: Any, key: str, kind: type, what: str) -> Any:

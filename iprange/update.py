@@ -15,7 +15,6 @@ or a build step.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import tempfile
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .index import CloudIndex
+from .judge import LOSS, NEWER, OLDER, SAME, check_prefixes, compare, distinct_prefixes  # noqa: F401
 from .parse import AWS, FILE_NAMES, GCP, PARSERS, ProviderRanges, RangeFileError, parse_file
 
 # The official feeds (see ../shared/ranges/README.md). Azure has none that stays put.
@@ -35,39 +35,6 @@ DEFAULT_URLS = {
 
 # Larger than any real feed (Azure's, the largest, is ~5 MB); guards the disk.
 MAX_FEED_BYTES = 64 * 1024 * 1024
-
-# Outcomes of comparing a candidate feed with the data it would replace.
-NEWER = "newer"
-SAME = "unchanged"
-OLDER = "older"
-LOSS = "loss"
-
-
-def distinct_prefixes(provider: ProviderRanges) -> int:
-    return len({prefix for prefix, _ in provider.prefixes})
-
-
-def compare(loaded: ProviderRanges, candidate: ProviderRanges, max_loss: float) -> tuple[str, str]:
-    """Is `candidate` an acceptable successor of `loaded`? (outcome, reason)."""
-    if candidate.serial < loaded.serial:
-        return OLDER, f"serial {candidate.serial} is older than {loaded.serial}"
-    if candidate.serial == loaded.serial:
-        return SAME, f"serial {candidate.serial} already there"
-    before, after = distinct_prefixes(loaded), distinct_prefixes(candidate)
-    if after < before * (1 - max_loss):
-        return LOSS, f"{after} prefixes instead of {before}: loses more than {max_loss:.0%}"
-    return NEWER, f"serial {loaded.serial} -> {candidate.serial}, {after} prefixes"
-
-
-def check_prefixes(provider: ProviderRanges) -> None:
-    """RangeFileError unless every prefix is a valid network (the radix tree
-    silently clamps `/99` to `/32`, so it cannot be the judge)."""
-    for prefix, region in provider.prefixes:
-        try:
-            ipaddress.ip_network(prefix, strict=False)
-        except ValueError:
-            raise RangeFileError(f"{provider.cloud}: bad prefix {prefix!r} (region {region!r})") from None
-
 
 @dataclass(frozen=True)
 class Result:
