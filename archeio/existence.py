@@ -317,7 +317,7 @@ class BlobExistenceCache:
         return found
 
     async def _head(self, mirror: str, digest: str) -> bool:
-        if "aiohttp" not in sys.modules:
+        if not _client_imported.is_set():
             # The first HEAD of the process: the client's import (about
             # 0.1 s) runs in a thread, so the loop goes on answering others.
             await asyncio.to_thread(_import_client)
@@ -362,5 +362,20 @@ def warm_client() -> None:
     threading.Thread(target=_import_client, name="archeio-warm-client", daemon=True).start()
 
 
+_importing = threading.Lock()
+_client_imported = threading.Event()
+
+
 def _import_client() -> None:
-    import aiohttp  # noqa: F401
+    with _importing:  # the warming thread and a first HEAD may both get here
+        if _client_imported.is_set():
+            return
+        # The import holds the GIL for most of its 0.1 s: hand it back to
+        # the event loop's thread more often meanwhile.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
+        try:
+            import aiohttp  # noqa: F401
+        finally:
+            sys.setswitchinterval(interval)
+        _client_imported.set()
