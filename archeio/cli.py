@@ -9,17 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iprange import RangeFileError
-
 from . import signals
 from .config import ConfigError, add_arguments, load_settings, settings_table
-from .explain import add_arguments as add_explain_arguments
-from .explain import run as run_explain
-from .mirror.cli import add_arguments as add_mirror_arguments
-from .mirror.cli import run as run_mirror
+
+COMMANDS = ("serve", "settings", "mirror", "explain")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; only `command`'s own arguments are defined when it is known.
+
+    Each command's arguments come from its own module: importing only the
+    one asked for keeps `archeio serve`'s start-up (and the memory of a
+    supervisor of workers) free of the mirror tool and of `explain`.
+    """
     parser = argparse.ArgumentParser(prog="archeio", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
@@ -27,16 +29,25 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve the OCI distribution API as redirects. Every flag "
         "also reads the environment variable named in its help.",
     )
-    add_arguments(serve)
+    if command in (None, "serve"):
+        add_arguments(serve)
     commands.add_parser("settings", help="print the table of every setting (Markdown)")
-    add_mirror_arguments(commands.add_parser("mirror", help="copy blobs from a registry into S3 buckets"))
-    add_explain_arguments(commands.add_parser(
+    mirror = commands.add_parser("mirror", help="copy blobs from a registry into S3 buckets")
+    if command in (None, "mirror"):
+        from .mirror.cli import add_arguments as add_mirror_arguments
+
+        add_mirror_arguments(mirror)
+    explain = commands.add_parser(
         "explain", help="say where a request would be sent, and why",
         usage="archeio explain [--client IP] [--forwarded 'A, B'] [--no-check] [--json] [settings] TARGET",
         description="Explain this deployment's answer to one request: its kind and grammar, the client "
         "address taken, the range entry, the mirror and why, the live existence check of a blob, and "
         "the final status and Location. Reads the same settings as `serve`.",
-    ))
+    )
+    if command in (None, "explain"):
+        from .explain import add_arguments as add_explain_arguments
+
+        add_explain_arguments(explain)
     return parser
 
 
@@ -46,16 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything slow: a SIGHUP or SIGTERM during start-up is held
         # until the server can act on it, never fatal (signals.py).
         signals.hold()
-    args = _parser().parse_args(argv)
+    args = _parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
     if args.command == "settings":
         print(settings_table())
         return 0
     if args.command == "mirror":
+        from .mirror.cli import run as run_mirror
+
         return run_mirror(args)
     if args.command == "explain":
+        from .explain import run as run_explain
+
         return run_explain(args)
     from .logs import setup_logging
-    from .workers import serve
 
     try:
         settings = load_settings(overrides=vars(args))
@@ -63,9 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"archeio: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.access_log > 0)
+    if settings.workers > 1:
+        # This process is the supervisor: it serves only the plain-HTTP
+        # admin port and has no use for TLS, whose library asyncio would
+        # otherwise load (4 MB of its memory). The workers are new processes.
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from .workers import serve
+
+    # A supervisor of workers loads no ranges, so it does not import them either.
+    range_errors: tuple[type[Exception], ...] = ()
+    if settings.workers == 1:
+        from iprange import RangeFileError
+
+        range_errors = (RangeFileError,)
     try:
         serve(settings)  # --workers N: N processes on the port, see workers.py
-    except RangeFileError as exc:
+    except range_errors as exc:
         print(f"archeio: configuration error: ARCHEIO_RANGES_DIR: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

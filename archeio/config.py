@@ -17,7 +17,6 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -332,7 +331,7 @@ def parse_mirrors(text: str) -> Mirrors:
 
 def builtin_mirrors() -> Mirrors:
     """Upstream's built-in AWS region -> bucket table, shipped as data."""
-    text = resources.files("archeio").joinpath("data/aws-mirrors.toml").read_text()
+    text = (Path(__file__).parent / "data" / "aws-mirrors.toml").read_text()
     return parse_mirrors(text)
 
 
