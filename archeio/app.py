@@ -109,6 +109,7 @@ class RequestFlow:
         self._clients: dict[str | bytes, Placement | None | Literal[False]] = {}
         self._classify = self.router.classify
         self._mirror_for = self.router.mirror_for
+        self._mirror_decision = self.router.mirror_decision
         self._cached = cache.cached
 
     def swap_index(self, index: CloudIndex) -> None:
@@ -199,7 +200,7 @@ class RequestFlow:
         self, method: str, path: str, query: str, route: Route, mirror: str, placement: Placement | None,
         forwarded: Forwarded, peer: str | None, trace: bytes | None,
     ) -> Decision:
-        decision = route.at_mirror.get(mirror) or self.router.mirror_decision(route, mirror)
+        decision = self._mirror_decision(route, mirror)
         # _count(self.requests, ...) and _count_blob(placement, MIRROR), inline on the hot path
         try:
             self.requests[_BLOB_TO_MIRROR] += 1

@@ -119,7 +119,7 @@ class Route(NamedTuple):
     The rest is made once per route, because the router remembers routes
     by path and popular paths repeat: `plain` is the decision for a request
     without a query, `counted` the (kind, backend, status) key of its
-    metric, and `at_mirror` the decisions to each mirror, filled as asked.
+    metric.
     """
 
     kind: str
@@ -129,7 +129,6 @@ class Route(NamedTuple):
     backend: str
     plain: Decision
     counted: tuple[str, str, int]
-    at_mirror: dict[str, Decision]
 
 
 def oci_error(status: int, code: str, message: str) -> LocalAnswer:
@@ -205,6 +204,8 @@ class Router:
         self._signature_root = signature + "/v2/" if signature else self._upstream_root
         self._signature_prefix = self._signature_root + self._path_prefix
         self._known: dict[str, LocalAnswer | Route] = {}
+        # mirror -> digest -> the decision to send that blob there.
+        self._to_mirror: dict[str, dict[str, Decision]] = {}
         self._info = LocalAnswer(307, location=settings.info_url)
         self._privacy = LocalAnswer(307, location=settings.privacy_url)
         self.default_mirror = settings.default_aws_base_url
@@ -285,7 +286,7 @@ class Router:
             root = self._signature_prefix if signature else self._upstream_prefix
         backend = SIGNATURE_UPSTREAM if signature else UPSTREAM
         upstream = root + rest
-        return Route(kind, rest, digest, upstream, backend, Decision(upstream, backend), (kind, backend, 307), {})
+        return Route(kind, rest, digest, upstream, backend, Decision(upstream, backend), (kind, backend, 307))
 
     @staticmethod
     def upstream_location(route: Route, query: str) -> Decision:
@@ -334,9 +335,20 @@ class Router:
         return self.upstream_location(route, query)
 
     def mirror_decision(self, route: Route, mirror: str) -> Decision:
-        """The redirect of a blob route to `mirror`, made once per route and mirror."""
-        decision = route.at_mirror.get(mirror)
+        """The redirect of a blob route to `mirror`, the same object while remembered.
+
+        Engines may cache what they render per decision: a blob asked for
+        again from the same mirror gets the same decision (at most
+        KNOWN_PATHS remembered per mirror, emptied when full).
+        """
+        digest = route.digest
+        assert digest is not None
+        by_digest = self._to_mirror.get(mirror)
+        if by_digest is None:
+            by_digest = self._to_mirror[mirror] = {}
+        decision = by_digest.get(digest)
         if decision is None:
-            assert route.digest is not None
-            decision = route.at_mirror[mirror] = self.mirror_location(mirror, route.digest)
+            if len(by_digest) >= KNOWN_PATHS:
+                by_digest.clear()
+            decision = by_digest[digest] = self.mirror_location(mirror, digest)
         return decision
