@@ -218,13 +218,9 @@ class AiohttpEngine:
 
     async def shutdown(self, grace: float) -> None:
         """Idle connections close now; the others get `grace` seconds for their answers."""
-        tracker = self.tracker
-        tracker.close_idle()
-        deadline = self.loop.time() + grace
-        while (tracker.open or self._checks) and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        deadline = await self.tracker.drain(grace, self._checks)
         await self.server.shutdown(max(0.0, deadline - self.loop.time()))
-        tracker.close_all("grace period over")
+        self.tracker.close_all("grace period over")
         for task in list(self._checks):
             task.cancel()
         await asyncio.gather(*self._checks, return_exceptions=True)

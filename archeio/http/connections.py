@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Sized
 from typing import Protocol
 
 log = logging.getLogger("archeio.http")
@@ -174,6 +175,15 @@ class ConnectionTracker:
         self.closing = True
         while self._idle:
             self._close(next(iter(self._idle)), "shutdown")
+
+    async def drain(self, grace: float, checks: Sized) -> float:
+        """At shutdown: close what is idle, then wait up to `grace` seconds until no
+        connection is open and no existence check (`checks`) is running; the deadline."""
+        self.close_idle()
+        deadline = self.loop.time() + grace
+        while (self.open or checks) and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return deadline
 
     def close_all(self, reason: str) -> None:
         for conn in list(self.open):

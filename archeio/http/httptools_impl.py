@@ -270,19 +270,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         if len(data) > SLICE:
             self._feed(data)
         else:
-            # One slice: `_feed_slice` inline, the hot path.
-            self._fed_before = fed = self._fed
-            self._fed = fed + len(data)
-            try:
-                self._parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                pass  # the upgrade request was answered with Connection: close
-            except httptools.HttpParserError:
-                if not self._input_closed:  # bytes after `Connection: close` are ignored
-                    self._refuse(self._too_large or 400)
-            else:
-                if self._head_began_at >= 0:
-                    self._head_in_progress()
+            self._feed_slice(data)
             if self._queue:
                 self._update_reading()
         out = self._out
@@ -585,12 +573,8 @@ class HttpToolsEngine:
 
     async def shutdown(self, grace: float) -> None:
         """Idle connections close now; the others get `grace` seconds for their answers."""
-        tracker = self.tracker
-        tracker.close_idle()
-        deadline = self.loop.time() + grace
-        while (tracker.open or self._tasks) and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        tracker.close_all("grace period over")
+        await self.tracker.drain(grace, self._tasks)
+        self.tracker.close_all("grace period over")
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
