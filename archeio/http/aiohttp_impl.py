@@ -140,10 +140,7 @@ class AiohttpEngine:
     def __init__(self, flow: RequestFlow, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.flow = flow
         self.loop = loop
-        self.tracker = ConnectionTracker(
-            loop, max_connections=settings.max_connections, header_timeout=settings.header_timeout,
-            keepalive_timeout=settings.keepalive_timeout,
-        )
+        self.tracker = ConnectionTracker.from_settings(loop, settings)
         self.server = web.Server(
             self._handle,
             keepalive_timeout=settings.keepalive_timeout,

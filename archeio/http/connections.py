@@ -31,7 +31,10 @@ import asyncio
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Sized
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 log = logging.getLogger("archeio.http")
 
@@ -74,6 +77,13 @@ class ConnectionTracker:
         # reason -> connections closed by the tracker (limit, deadlines, shutdown).
         self.closed: Counter[str] = Counter()
         self.closing = False
+
+    @classmethod
+    def from_settings(cls, loop: asyncio.AbstractEventLoop, settings: Settings) -> ConnectionTracker:
+        return cls(
+            loop, max_connections=settings.max_connections, header_timeout=settings.header_timeout,
+            keepalive_timeout=settings.keepalive_timeout,
+        )
 
     # -- states -----------------------------------------------------------------
 

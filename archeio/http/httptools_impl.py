@@ -526,10 +526,7 @@ class HttpToolsEngine:
     def __init__(self, flow: RequestFlow, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
         self.flow = flow
         self.loop = loop
-        self.tracker = ConnectionTracker(
-            loop, max_connections=settings.max_connections, header_timeout=settings.header_timeout,
-            keepalive_timeout=settings.keepalive_timeout,
-        )
+        self.tracker = ConnectionTracker.from_settings(loop, settings)
         self.wire = Wire()
         # Raw request target -> (path, query): popular targets repeat.
         self.targets: dict[bytes, tuple[str, str]] = {}
