@@ -250,12 +250,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "max_request_line", "ARCHEIO_MAX_REQUEST_LINE", "8192", _positive_int,
         "Longest request target in bytes (longer: 414).",
-        "httptools: the target, 414; aiohttp: the whole request line (target + 32 bytes), 400",
+        "httptools: the target, 414; aiohttp: the target, 400",
     ),
     Setting(
         "max_header_bytes", "ARCHEIO_MAX_HEADER_BYTES", "16384", _positive_int,
         "Most bytes of request headers (more: 431).",
-        "httptools: all headers together, 431; aiohttp: each header line, 400 (at most 128 lines)",
+        "httptools: all headers together, 431; aiohttp: each header name and value, 400 (at most 128 headers)",
     ),
     Setting("log_level", "ARCHEIO_LOG_LEVEL", "info", _log_level, "debug, info, warning or error."),
     Setting(

@@ -67,7 +67,7 @@ def known_difference(raw: bytes, lean: Answer, other: Answer) -> str | None:
     head = raw.split(b"\r\n\r\n", 1)[0]
     header_bytes = len(head) - len(head.split(b"\r\n", 1)[0])
     if lean[0] == 431 and header_bytes > MAX_HEADER_BYTES:
-        # aiohttp limits each line, not all of them: it answers the request (or 400s a long line).
+        # aiohttp limits each name and value, not all of them: it answers the request (or 400s a long one).
         return "header-size-limit"
     target = rest.lstrip(b" ").split(b" ", 1)[0]
     if other[0] == 400 and lean[0] in (404, 405) and target.startswith(b"*") and (method, target) != (

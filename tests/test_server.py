@@ -325,13 +325,57 @@ async def test_one_header_over_the_limit_is_refused(serve: Any) -> None:
 
 async def test_headers_over_the_limit_together_are_refused_by_the_lean_engine_only(serve: Any) -> None:
     # Named difference "header-size-limit": the lean engine limits all
-    # header bytes together; aiohttp limits each line (and their number).
+    # header bytes together; aiohttp limits each name and value (and their number).
     server = await serve()
     headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"v" * 1000) for i in range(20))
     response = await raw_response(
         server, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n"
     )
     assert response.status == (431 if engines.current() == "httptools" else 200)
+
+
+# The documented limits at their edges: at the limit answered, one byte past refused.
+EDGE_LIMITS = {"ARCHEIO_MAX_REQUEST_LINE": "100", "ARCHEIO_MAX_HEADER_BYTES": "200"}
+
+
+@pytest.mark.parametrize("past", [0, 1], ids=["at-the-limit", "one-byte-past"])
+async def test_request_target_limit_holds_at_its_edge(serve: Any, past: int) -> None:
+    server = await serve(**EDGE_LIMITS)
+    prefix = "/v2/a/manifests/"
+    target = prefix + "t" * (100 - len(prefix) + past)
+    assert len(target) == 100 + past
+    response = await raw_response(server, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    if past:
+        assert response.status == engines.refusal(414)
+    else:
+        assert response.status == 307 and response.header("Location") == UP + target[len("/v2/"):]
+
+
+@pytest.mark.parametrize("past", [0, 1], ids=["at-the-limit", "one-byte-past"])
+async def test_request_header_limit_holds_at_its_edge(serve: Any, past: int) -> None:
+    # The lean engine counts every header line's bytes ("Name: value\r\n"),
+    # all together; aiohttp bounds each field's value (named difference
+    # "header-size-limit").
+    server = await serve(**EDGE_LIMITS)
+    fixed = b"Host: x\r\nConnection: close\r\n"
+    if engines.current() == "httptools":
+        value = b"v" * (200 - len(fixed) - len(b"X-Filler: \r\n") + past)
+        assert len(fixed + b"X-Filler: " + value + b"\r\n") == 200 + past
+    else:
+        value = b"v" * (200 + past)
+    response = await raw_response(server, b"GET /v2/ HTTP/1.1\r\n" + fixed + b"X-Filler: " + value + b"\r\n\r\n")
+    assert response.status == (engines.refusal(431) if past else 200)
+
+
+async def test_http11_request_without_host(serve: Any) -> None:
+    # Named difference "missing-host": aiohttp refuses it as RFC 9112
+    # requires; the lean engine answers it like any other.
+    server = await serve()
+    response = await raw_response(server, b"GET /v2/a/manifests/1 HTTP/1.1\r\nConnection: close\r\n\r\n")
+    if engines.current() == "aiohttp":
+        assert response.status == 400
+    else:
+        assert response.status == 307 and response.header("Location") == UP + "a/manifests/1"
 
 
 async def test_garbage_gets_400(serve: Any) -> None:

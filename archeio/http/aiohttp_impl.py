@@ -9,10 +9,10 @@ each request into `RequestFlow.respond` arguments and the decision into a
 keep-alive) itself.
 
 aiohttp honours some settings on its own, and answers differently at their
-edges (the settings table says which): the request line (its
-`max_line_size` counts the whole line, method and version included, and
-answers 400 rather than 414), header size (per field, 400 rather than
-431), keep-alive and pipelining (it pauses reading at 32 queued requests,
+edges (the settings table says which): the request target (its
+`max_line_size` bounds the target, as ours does, but answers 400 rather
+than 414), header size (each name and value, 400 rather than 431),
+keep-alive and pipelining (it pauses reading at 32 queued requests,
 aiohttp 3.14). It has no connection limit and no header deadline: each
 connection is wrapped in `_TrackedConnection`, which forwards every event
 to aiohttp's own connection handler and reports its state to the same
@@ -45,9 +45,6 @@ log = logging.getLogger("archeio.http")
 
 # Marks a request that reached our handler (aiohttp's refusals never do).
 _ROUTED = web.RequestKey("archeio_routed", bool)
-# aiohttp limits the whole request line; ours is the target. Room for the
-# longest method and " HTTP/1.1".
-_REQUEST_LINE_EXTRA = 32
 
 
 class _TrackedConnection(asyncio.Protocol):
@@ -144,7 +141,7 @@ class AiohttpEngine:
         self.server = web.Server(
             self._handle,
             keepalive_timeout=settings.keepalive_timeout,
-            max_line_size=settings.max_request_line + _REQUEST_LINE_EXTRA,
+            max_line_size=settings.max_request_line,
             max_field_size=settings.max_header_bytes,
             access_log_class=_access_hook(self),
             access_log=logging.getLogger("archeio.http.aiohttp"),
