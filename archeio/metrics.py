@@ -199,6 +199,13 @@ def _sum_rows(snaps: list[Snapshot], key: str) -> Counter[tuple[Any, ...]]:
     return total
 
 
+def _sum_maps(snaps: list[Snapshot], key: str) -> Counter[Any]:
+    total: Counter[Any] = Counter()
+    for snap in snaps:
+        total.update(snap.get(key, {}))
+    return total
+
+
 def collect(source: MetricsSource) -> Iterator[Family]:
     """Every metric family, from the source's snapshots."""
     snaps = source.snapshots()
@@ -230,9 +237,7 @@ def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     for snap in live:
         per_worker.add((snap["worker"],), sum(row[-1] for row in snap.get("requests", ())))
     yield per_worker
-    gauges: Counter[str] = Counter()
-    for snap in live:
-        gauges.update(snap.get("connections", {}))
+    gauges = _sum_maps(live, "connections")
     connections = Family(
         "archeio_connections", "gauge", "Open public connections by state: idle, reading (part of a "
         "request received, or none yet on a new connection), busy (holding accepted requests).",
@@ -252,21 +257,14 @@ def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
         "keepalive_timeout.",
         ("reason",),
     )
-    totals: Counter[str] = Counter()
-    for snap in snaps:
-        totals.update(snap.get("connections_closed", {}))
-    for reason, count in sorted(totals.items()):
+    for reason, count in sorted(_sum_maps(snaps, "connections_closed").items()):
         closed.add((reason,), count)
     yield closed
 
 
 def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
-    outcomes: Counter[str] = Counter()
     buckets: dict[str, list[int]] = {}
-    seconds: Counter[str] = Counter()
     for snap in snaps:
-        outcomes.update(snap.get("checks", {}))
-        seconds.update(snap.get("check_seconds", {}))
         for outcome, counts in snap.get("check_buckets", {}).items():
             into = buckets.setdefault(outcome, [0] * len(counts))
             for i, n in enumerate(counts):
@@ -277,23 +275,21 @@ def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
         "over_capacity, breaker_open: none sent).",
         ("outcome",),
     )
-    for outcome, count in sorted(outcomes.items()):
+    for outcome, count in sorted(_sum_maps(snaps, "checks").items()):
         checks.add((outcome,), count)
     yield checks
     latency = Family(
         "archeio_existence_check_seconds", "histogram", "Duration of existence HEADs to mirrors, by outcome.",
         ("outcome",),
     )
+    seconds = _sum_maps(snaps, "check_seconds")
     for outcome, counts in sorted(buckets.items()):
         latency.add_histogram((outcome,), counts, seconds[outcome])
     yield latency
     sizes = Family(
         "archeio_existence_cache_entries", "gauge", "Entries in the existence caches, all workers.", ("cache",)
     )
-    size_totals: Counter[str] = Counter()
-    for snap in live:
-        size_totals.update(snap.get("cache", {}))
-    for cache, count in sorted(size_totals.items()):
+    for cache, count in sorted(_sum_maps(live, "cache").items()):
         sizes.add((cache,), count)
     yield sizes
     breakers = Family(
