@@ -1,0 +1,60 @@
+"""The Host header rule of both engines (RFC 9112 3.2, RFC 3986 3.2.2).
+
+A server MUST answer 400 to an HTTP/1.1 request that lacks a Host header,
+that has more than one Host line, or whose Host value is invalid; Go's
+net/http, which upstream runs, does. HTTP/1.0 may omit it. A valid value is
+RFC 3986's `host [ ":" port ]`, where host is a bracketed IP literal (an
+IPv6 address or an IPvFuture), an IPv4 address or a reg-name (IPv4 is a
+reg-name by its characters, so one pattern covers both), and may be empty
+(the authority of an absolute-form or asterisk-form target may be).
+
+A deployment sees few distinct Host values (its own names), so answers are
+remembered for values up to `REMEMBERED_LENGTH` bytes, at most
+`REMEMBERED` of them (the table is emptied when full): the pattern runs
+once per value, not per request, and a flood of distinct values holds at
+most about 64 KiB here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+REMEMBERED = 256
+REMEMBERED_LENGTH = 255
+
+_REG_NAME = rb"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*"
+_IP_FUTURE = rb"v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+"
+_HOST_RE = re.compile(rb"(?:\[(?P<literal>[^\]]*)\]|" + _REG_NAME + rb")(?::[0-9]*)?")
+_IP_FUTURE_RE = re.compile(_IP_FUTURE)
+
+_known: dict[bytes | str, bool] = {}
+
+
+def _valid(value: bytes) -> bool:
+    match = _HOST_RE.fullmatch(value)
+    if match is None:
+        return False
+    literal = match["literal"]
+    if literal is None:
+        return True
+    if _IP_FUTURE_RE.fullmatch(literal):
+        return True
+    try:
+        ipaddress.IPv6Address(literal.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return "%" not in literal.decode("ascii")  # a zone id is not allowed in a URI's IP literal
+
+
+def valid_host(value: bytes | str) -> bool:
+    """Is `value` (the Host field value: its bytes, or text as aiohttp decodes them) `host [":" port]`?"""
+    known = _known.get(value)
+    if known is not None:
+        return known
+    answer = _valid(value if type(value) is bytes else value.encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
+    if len(value) <= REMEMBERED_LENGTH:
+        if len(_known) >= REMEMBERED:
+            _known.clear()
+        _known[value] = answer
+    return answer
