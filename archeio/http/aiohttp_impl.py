@@ -258,6 +258,9 @@ class AiohttpEngine:
         self.server = web.Server(
             self._handle,
             keepalive_timeout=settings.keepalive_timeout,
+            # How long aiohttp waits for the rest of a body its handler did not
+            # read (10 s by its default): a body has the header deadline, as a head.
+            lingering_time=settings.header_timeout,
             max_line_size=settings.max_request_line,
             max_field_size=settings.max_header_bytes,
             access_log_class=_access_hook(self),
@@ -308,7 +311,11 @@ class AiohttpEngine:
             flow.refused(503)
             response = _local_response(UNAVAILABLE)
         if self.tracker.closing:
-            response.force_close()
+            conn = request.transport
+            # Shutting down: the last request aiohttp holds is answered with
+            # `Connection: close` (aiohttp would drop the ones queued after it).
+            if type(conn) is not _TrackedConnection or conn.inner._request_count <= conn.answered + 1:
+                response.force_close()
         return response
 
     async def _after_check(self, request: web.BaseRequest, pending: Any) -> web.Response:
