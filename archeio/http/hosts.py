@@ -32,7 +32,9 @@ _known: dict[bytes | str, bool] = {}
 
 
 def _valid(value: bytes) -> bool:
-    match = _HOST_RE.fullmatch(value)
+    # A field value excludes the whitespace around it (RFC 9110 5.5); llhttp
+    # hands over trailing whitespace, aiohttp strips it.
+    match = _HOST_RE.fullmatch(value.strip(b" \t"))
     if match is None:
         return False
     literal = match["literal"]
