@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,17 @@ def test_the_forwarded_memo_holds_at_most_its_entries() -> None:
         flow.respond("GET", blob_path(digest(1)), "", f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}, 130.211.0.1",
                      None)
         assert len(flow._clients) <= CLIENTS_REMEMBERED
+
+
+async def test_a_request_that_cannot_be_parsed_is_counted_not_logged_as_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiohttp alone logs each at ERROR with a traceback: on a public port, noise.
+    async with server_with_mirror(tmp_path) as (server, _):
+        for garbage in (b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad header\r\n\r\n", b"\x16\x03\x01\x00\xa5\x01\r\n\r\n"):
+            client = await AsyncClient.connect(port_of(server))
+            await client.send(garbage)
+            assert (await client.read_response()).status == 400
+            await client.close()
+        assert server.flow.requests.get(("http", LOCAL, 400)) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..routing import Decision, LocalAnswer
 from .answers import ERRORS, UNAVAILABLE
@@ -232,6 +233,24 @@ class _TrackedConnection(asyncio.Protocol):
         return False  # ours to do, when closing
 
 
+class _ClientErrors(logging.Filter):
+    """Drops aiohttp's error log of a request it could not parse: the client's fault, not ours.
+
+    aiohttp logs each one at ERROR with a traceback (only a first bad method
+    at DEBUG); on a port open to the internet that is a flood of noise. Each
+    is still answered 400 and counted (`archeio_requests{kind="http"}`), as
+    the lean engine counts its refusals without logging them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+_server_log = logging.getLogger("archeio.http.aiohttp")
+_server_log.addFilter(_ClientErrors())
+
+
 def _access_hook(engine: AiohttpEngine) -> type[AbstractAccessLogger]:
     class ResponseSent(AbstractAccessLogger):
         """aiohttp calls this once per response it sent: our refusals and state hook."""
@@ -264,7 +283,8 @@ class AiohttpEngine:
             max_line_size=settings.max_request_line,
             max_field_size=settings.max_header_bytes,
             access_log_class=_access_hook(self),
-            access_log=logging.getLogger("archeio.http.aiohttp"),
+            access_log=_server_log,
+            logger=_server_log,
         )
         self._server: asyncio.AbstractServer | None = None
 
