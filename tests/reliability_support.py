@@ -67,7 +67,7 @@ LOAD_BALANCER = "127.0.0.1"
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close() sends RST
 
 # Statuses the public port may answer with; anything else is a defect.
-DEFINED_STATUSES = frozenset({200, 307, 400, 404, 405, 408, 414, 431})
+DEFINED_STATUSES = frozenset({200, 307, 400, 404, 405, 408, 413, 414, 431})
 
 # Characters a correctly percent-encoded URL may hold (RFC 3986), with
 # every '%' starting an escape of two hex digits.
