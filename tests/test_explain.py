@@ -2,9 +2,9 @@
 
 The mirrors are a stand-in bucket (tests/bucket.py): `eu` is AWS
 eu-west-3's mirror, `cdn` the default one, so the live existence check is
-a real HEAD on loopback. Ranges are the real published files (or the
-embedded data); Azure comes from a small Service Tags file holding one
-real westeurope prefix, next to the AWS and Google Cloud files.
+a real HEAD on loopback. Ranges are the small files in the providers'
+formats of tests/data/ranges (AWS, Google Cloud and Azure), so the
+answers name the file each placement came from.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from archeio.config import Settings
 from archeio.explain import explain, request_for
 from iprange import CloudIndex, load_index
 
-from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY, make_settings, ranges_dir
+from .conftest import AWS_EU_WEST_3, AZURE_CANADACENTRAL, GOOGLE_CLOUD, NOBODY, RANGES_FIXTURES, make_settings
 
 LB = "130.211.0.1"  # the load balancer's own entry
 AWS_US_WEST_2 = "54.148.0.1"  # a region our test mirrors file has no entry for
-AZURE_WESTEUROPE = "104.40.128.1"
 HELD = "sha256:" + "1" * 64
 MISSING = "sha256:" + "2" * 64
 UP = "http://upstream.example/v2/k8s-artifacts-prod/images/"
@@ -36,40 +35,7 @@ def lb(client: str) -> str:
 
 
 @pytest.fixture
-def ranges(tmp_path: Path) -> Path:
-    """AWS and Google Cloud as published (linked, not copied), plus a one-prefix Azure file."""
-    directory = tmp_path / "ranges"
-    directory.mkdir()
-    shared = ranges_dir()
-    if shared is not None:
-        for name in ("aws-ip-ranges.json", "gcp-cloud.json"):
-            (directory / name).symlink_to(shared / name)
-    else:
-        from iprange.embedded import load_embedded
-
-        for provider in load_embedded():
-            if provider.cloud == "AWS":
-                (directory / "aws-ip-ranges.json").write_text(json.dumps({
-                    "createDate": provider.serial,
-                    "prefixes": [{"ip_prefix": p, "region": r} for p, r in provider.prefixes if ":" not in p],
-                    "ipv6_prefixes": [{"ipv6_prefix": p, "region": r} for p, r in provider.prefixes if ":" in p],
-                }))
-            elif provider.cloud == "GCP":
-                (directory / "gcp-cloud.json").write_text(json.dumps({
-                    "creationTime": provider.serial,
-                    "prefixes": [{"ipv4Prefix" if ":" not in p else "ipv6Prefix": p, "scope": r}
-                                 for p, r in provider.prefixes],
-                }))
-    (directory / "azure-service-tags.json").write_text(json.dumps({
-        "changeNumber": 42,
-        "values": [{"name": "AzureCloud.westeurope",
-                    "properties": {"region": "westeurope", "addressPrefixes": ["104.40.128.0/17"]}}],
-    }))
-    return directory
-
-
-@pytest.fixture
-def settings(bucket: Any, ranges: Path, tmp_path: Path) -> Settings:
+def settings(bucket: Any, tmp_path: Path) -> Settings:
     bucket.add("eu", HELD)
     bucket.add("cdn", HELD)
     mirrors = tmp_path / "mirrors.toml"
@@ -77,7 +43,7 @@ def settings(bucket: Any, ranges: Path, tmp_path: Path) -> Settings:
     return make_settings(
         PORT="0", ARCHEIO_HOST="127.0.0.1", UPSTREAM_REGISTRY_ENDPOINT="http://upstream.example",
         DEFAULT_AWS_BASE_URL=bucket.base("cdn"), ARCHEIO_MIRRORS_FILE=str(mirrors),
-        ARCHEIO_RANGES_DIR=str(ranges),
+        ARCHEIO_RANGES_DIR=str(RANGES_FIXTURES),
     )
 
 
@@ -112,12 +78,12 @@ async def test_aws_region_without_a_mirror_gets_the_default_and_its_miss(setting
 
 
 async def test_azure_client_gets_the_default_mirror(settings: Settings, index: CloudIndex, bucket: Any) -> None:
-    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AZURE_WESTEUROPE))
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AZURE_CANADACENTRAL))
     assert result.placement is not None
     assert (result.placement.cloud, result.placement.region, result.placement.prefix) == (
-        "Azure", "westeurope", "104.40.128.0/17")
-    assert result.placement.data_date == "changeNumber 42"
-    assert result.mirror is not None and "no entry for Azure westeurope" in result.mirror.reason
+        "Azure", "canadacentral", "20.43.0.0/19")
+    assert result.placement.data_date == "changeNumber 336"
+    assert result.mirror is not None and "no entry for Azure canadacentral" in result.mirror.reason
     assert result.location == f"{bucket.base('cdn')}/containers/images/{HELD}"
 
 
@@ -216,7 +182,7 @@ CONSISTENCY_CASES = [
     (f"/v2/pause/blobs/{HELD}", lb(AWS_EU_WEST_3)),
     (f"/v2/pause/blobs/{MISSING}", lb(AWS_EU_WEST_3)),
     (f"/v2/pause/blobs/{HELD}", lb(AWS_US_WEST_2)),
-    (f"/v2/pause/blobs/{HELD}", lb(AZURE_WESTEUROPE)),
+    (f"/v2/pause/blobs/{HELD}", lb(AZURE_CANADACENTRAL)),
     (f"/v2/pause/blobs/{HELD}", lb(GOOGLE_CLOUD)),
     (f"/v2/pause/blobs/{HELD}", lb(NOBODY)),
     (f"/v2/pause/blobs/{HELD}", lb("::ffff:" + AWS_EU_WEST_3)),
