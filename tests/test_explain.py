@@ -10,6 +10,8 @@ answers name the file each placement came from.
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import aiohttp
 import pytest
 
 from archeio.cli import main
-from archeio.config import Settings
+from archeio.config import SETTINGS, Settings
 from archeio.explain import explain, request_for
 from iprange import CloudIndex, load_index
 
@@ -166,6 +168,18 @@ def test_command_prints_json_for_scripts(settings: Settings, capsys: pytest.Capt
     printed = json.loads(capsys.readouterr().out)
     assert (printed["status"], printed["location"]) == (307, UP + f"pause/blobs/{HELD}")
     assert printed["placement"]["cloud"] == "GCP"
+
+
+def test_readme_example_is_what_the_command_prints(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh shell: no setting in the environment, the embedded range data.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```text\n\$ (archeio explain [^\n]+)\n(.*?)```", readme, re.S)
+    assert example is not None, "README.md has no `$ archeio explain` example"
+    for setting in SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+    assert main(shlex.split(example[1])[1:]) == 0
+    assert capsys.readouterr().out == example[2]
 
 
 def test_command_reads_the_serve_flags(capsys: pytest.CaptureFixture[str]) -> None:
