@@ -245,8 +245,8 @@ def open_loop_section(open_loop: dict[str, Any]) -> list[str]:
     how = ("Each rate ran {seconds} s after wrk2's calibration; latency corrected for coordinated omission "
            "(from the schedule), ms." if mode == OPEN_LOOP else
            "Each rate ran {seconds} s, driven by Locust's paced users, up to the first rate they could not "
-           "drive; a paced user waits for each answer, so these percentiles are not corrected for coordinated "
-           "omission, ms.").format(seconds=open_loop["seconds"])
+           "drive (nginx only at the rates they drove); a paced user waits for each answer, so these "
+           "percentiles are not corrected for coordinated omission, ms.").format(seconds=open_loop["seconds"])
     lines = [
         f"## Latency near capacity ({mode}, one worker)",
         "",
