@@ -34,14 +34,11 @@ from typing import Any
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
-SHARED_RANGES = REPO.parent / "shared" / "ranges"
 LOOPBACK = "127.0.0.1"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def shared_ranges_dir() -> Path | None:
-    """The team's real published range files, or None where they are absent."""
-    return SHARED_RANGES if SHARED_RANGES.is_dir() else None
+# The range data of every benchmark: the embedded data, the same on every
+# machine (set explicitly: servers otherwise inherit the caller's environment).
+EMBEDDED_RANGES = {"ARCHEIO_RANGES_DIR": ""}
 
 
 def free_port() -> int:

@@ -56,6 +56,7 @@ from typing import Any
 
 from harness import (
     DEFAULT_ENGINE,
+    EMBEDDED_RANGES,
     LOOPBACK,
     RESULTS,
     append_history,
@@ -68,7 +69,6 @@ from harness import (
     machine,
     machine_line,
     pinned,
-    shared_ranges_dir,
     start_archeio,
     start_bucket,
     start_nginx,
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         mirror, default_mirror = f"http://{LOOPBACK}:{bucket_port}/bucket", f"http://{LOOPBACK}:{bucket_port}/cdn"
         mirrors_file = write_mirrors_file(tmp / "mirrors.toml", {"AWS": {"eu-west-3": mirror}})
         env = {"ARCHEIO_MIRRORS_FILE": str(mirrors_file), "DEFAULT_AWS_BASE_URL": default_mirror,
-               "ARCHEIO_LOG_LEVEL": "warning", "ARCHEIO_RANGES_DIR": str(shared_ranges_dir() or "")}
+               "ARCHEIO_LOG_LEVEL": "warning", **EMBEDDED_RANGES}
         in_mirror = f"{mirror}/containers/images/{DIGEST}"
 
         nginx_port = free_port()

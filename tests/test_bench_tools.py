@@ -1,9 +1,11 @@
-"""The benchmarks' own bookkeeping, without running a benchmark: wrk2's output, history files, the scorecard.
+"""The benchmarks' own bookkeeping, without running a benchmark: wrk2's and wrk's output, history files, the scorecard.
 
 `tests/data/wrk2-mix-output.txt` is the real output of one short wrk2 run
 (`-t1 -c4 -d12s -R200 -U` with benchmarks/wrk2_mix.lua against nginx
-`return 307`, told to expect another Location): the parser must read
-what the benchmark reports from it.
+`return 307`, told to expect another Location), and
+`tests/data/wrk-mix-output.txt` that of Debian's plain wrk with the same
+hook (`-t1 -c4 -d2s`, the capacity run without wrk2): the parsers must
+read what the benchmark reports from them.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from harness import append_history  # noqa: E402
-from latency_open_loop import calibration_seconds, parse_wrk2  # noqa: E402
+from latency_open_loop import OPEN_LOOP, PACING, calibration_seconds, floors, parse_wrk, parse_wrk2  # noqa: E402
 from scorecard import collect_floors, spread  # noqa: E402
 
 WRK2_OUTPUT = Path(__file__).parent / "data" / "wrk2-mix-output.txt"
+WRK_OUTPUT = Path(__file__).parent / "data" / "wrk-mix-output.txt"
 
 
 def test_wrk2_output_gives_corrected_and_uncorrected_percentiles() -> None:
@@ -43,6 +46,29 @@ def test_wrk2_output_without_the_uncorrected_histogram_is_refused() -> None:
     text = WRK2_OUTPUT.read_text().split("  Latency Distribution (HdrHistogram - Uncorrected")[0]
     with pytest.raises(RuntimeError, match="-U"):
         parse_wrk2(text)
+
+
+def test_plain_wrk_output_gives_the_rate_and_the_hooks_answers() -> None:
+    figures = parse_wrk(WRK_OUTPUT.read_text())
+    assert (figures["requests"], figures["achieved_rps"], figures["socket_errors"]) == (55690, 27764.69, 0)
+    assert (figures["answers_307"], figures["wrong_locations"], figures["unexpected_answers"]) == (55690, 55690, 0)
+
+
+def _open_loop_result(mode: str, p99_at_50: float, failures: int) -> dict:  # type: ignore[type-arg]
+    step = {"target": "archeio", "share": 50, "rate": 1000, "p99_ms": p99_at_50, "driven": True,
+            "unexpected_answers": failures, "wrong_locations": None, "socket_errors": None}
+    return {"mode": mode, "steps": [step], "capacity": {"archeio": {"unexpected_answers": 0}}}
+
+
+def test_paced_figures_do_not_judge_the_open_loop_floor_but_count_wrong_answers() -> None:
+    latency, answers = floors(_open_loop_result(PACING, 2.0, 3))
+    assert (latency["measured"], latency["met"]) == (2.0, None) and "wrk2" in latency["note"]
+    assert (answers["measured"], answers["met"]) == (3, False)
+
+
+def test_open_loop_figures_judge_the_floor() -> None:
+    latency, answers = floors(_open_loop_result(OPEN_LOOP, 12.0, 0))
+    assert (latency["measured"], latency["met"], answers["met"]) == (12.0, False, True)
 
 
 def test_calibration_covers_wrk2s_ten_seconds_and_its_connection_stagger() -> None:
