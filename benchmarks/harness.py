@@ -12,6 +12,7 @@ URL built here points there.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import functools
@@ -148,6 +149,13 @@ def archeio_command(tree: Path | None = None) -> list[str]:
     if script.exists():
         return [str(script), "serve"]
     return [sys.executable, "-m", "archeio", "serve"]
+
+
+def add_tree_argument(parser: argparse.ArgumentParser) -> None:
+    """`--tree PATH`: the benchmark serves that checkout's code (`archeio_command`)."""
+    parser.add_argument("--tree", type=Path, metavar="PATH",
+                        help="serve this checkout's archeio instead of the installed one (e.g. the code "
+                        "before a change), with this environment's interpreter and dependencies")
 
 
 def tree_env(tree: Path | None) -> dict[str, str]:

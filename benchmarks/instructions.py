@@ -65,6 +65,7 @@ from typing import Any
 from harness import (
     LOOPBACK,
     RESULTS,
+    add_tree_argument,
     append_history,
     engine_problem,
     engine_settings,
@@ -313,9 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=2.0,
                         help="how long the idle rate is counted (default 2)")
     parser.add_argument("--hash-seed", type=int, default=0, help="the server's PYTHONHASHSEED (default 0)")
-    parser.add_argument("--tree", type=Path, metavar="PATH",
-                        help="measure this checkout's archeio instead of the installed one (e.g. the code "
-                        "before a change), with this environment's interpreter and dependencies")
+    add_tree_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="write results/instructions.{json,md} and a line in instructions-history.csv")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the result files")

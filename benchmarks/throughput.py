@@ -79,6 +79,7 @@ from harness import (
     DEFAULT_ENGINE,
     LOOPBACK,
     RESULTS,
+    add_tree_argument,
     append_history,
     can_pin,
     cpu_seconds,
@@ -383,9 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure aiohttp's bare web.Server answering a fixed 307 (bare_aiohttp.py)")
     parser.add_argument("--go", metavar="PATH",
                         help="also measure the Go original, this binary (default: $ARCHEIO_GO when set)")
-    parser.add_argument("--tree", type=Path, metavar="PATH",
-                        help="serve this checkout's archeio instead of the installed one (e.g. the code "
-                        "before a change), with this environment's interpreter and dependencies")
+    add_tree_argument(parser)
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk to separate CPUs")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
