@@ -4,7 +4,8 @@
 #                      figure (about 20 minutes; results and history in benchmarks/results/)
 #   make bench-quick - the same chain for a few seconds a step: proves it works, measures nothing
 #   make bench-baseline - on the code BEFORE a change: saves the cold-start baseline, then make bench
-# wrk2 is found on PATH or through WRK2=/path/to/wrk2 (benchmarks/README.md, "Getting wrk2").
+# wrk2 is found on PATH or through WRK2=/path/to/wrk2 (benchmarks/README.md, "Getting wrk2");
+# without it the open-loop step measures closed-loop pacing (Locust) and says so.
 # HTTP=httptools,aiohttp measures both engines (the first binds the floors); default: the server's.
 HTTP ?= default
 

@@ -39,6 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from harness import RESULTS, machine_line  # noqa: E402
+from latency_open_loop import OPEN_LOOP  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 from scorecard import render as render_scorecard  # noqa: E402
 
@@ -200,6 +201,8 @@ def wrk2_ceiling(open_loop: dict[str, Any]) -> tuple[float | None, str]:
     them and costs about half as much per request, which would overstate
     what it can pace.
     """
+    if open_loop.get("mode", OPEN_LOOP) != OPEN_LOOP:
+        return None, "no wrk2 in the last benchmarks/latency-open-loop run"
     paced = [s for s in open_loop["steps"] if s.get("generator_cpu_us_per_request")]
     if not paced:
         return None, "no fixed-rate runs"
@@ -237,22 +240,36 @@ def generators_section(steps: list[dict[str, Any]], open_loop: dict[str, Any] | 
 
 def open_loop_section(open_loop: dict[str, Any]) -> list[str]:
     capacity = open_loop["capacity"]
+    mode = open_loop.get("mode", OPEN_LOOP)
+    tool = "wrk2" if mode == OPEN_LOOP else "wrk"
+    how = ("Each rate ran {seconds} s after wrk2's calibration; latency corrected for coordinated omission "
+           "(from the schedule), ms." if mode == OPEN_LOOP else
+           "Each rate ran {seconds} s, driven by Locust's paced users, up to the first rate they could not "
+           "drive (nginx only at the rates they drove); a paced user waits for each answer, so these "
+           "percentiles are not corrected for coordinated omission, ms.").format(seconds=open_loop["seconds"])
     lines = [
-        "## Latency near capacity (wrk2, open loop, one worker)",
+        f"## Latency near capacity ({mode}, one worker)",
         "",
-        f"{machine_line(open_loop['machine'])}; {open_loop['layout']}. Capacity (wrk2 saturating, median of "
+        f"{machine_line(open_loop['machine'])}; {open_loop['layout']}. Capacity ({tool} saturating, median of "
         f"rounds): archeio {capacity['archeio']['rps']:,} req/s"
         + (f", nginx {capacity['nginx']['rps']:,} req/s" if "nginx" in capacity else "")
-        + f". Each rate ran {open_loop['seconds']} s after wrk2's calibration; latency corrected for "
-        "coordinated omission (from the schedule), ms. nginx got the same absolute rates.",
+        + f". {how} nginx got the same absolute rates.",
         "",
         "| target | share of capacity | req/s | p50 | p99 | p99.9 | max | uncorrected p99 | server CPU us/req |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {s['target']} | {s['share']}% | {s['rate']:,} | {s['p50_ms']} | {s['p99_ms']} | {s['p999_ms']} | "
-              f"{s['max_ms']} | {s['uncorrected_p99_ms']} | {s['server_cpu_us_per_request']} |"
-              for s in open_loop["steps"]]
-    return lines
+    lines += [f"| {s['target']} | {s['share']}% | {s['rate']:,} | {cell(s.get('p50_ms'))} | {cell(s.get('p99_ms'))} | "
+              f"{cell(s.get('p999_ms'))} | {cell(s.get('max_ms'))} | {cell(s.get('uncorrected_p99_ms'))} | "
+              f"{cell(s.get('server_cpu_us_per_request'))} |" for s in open_loop["steps"]]
+    notes = [f"- {s['target']} at {s['share']}%: not driven, {s.get('note') or 'the generator could not drive it'}"
+             for s in open_loop["steps"] if not s["driven"]]
+    notes += [f"- {share}% = {rate:,} req/s: not attempted, {why}"
+              for share, rate, why in open_loop.get("not_attempted", [])]
+    return lines + ([""] + notes if notes else [])
+
+
+def cell(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def render(latency: dict[str, Any], throughput: dict[str, Any], history: list[str],

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    EMBEDDED_RANGES,
     LOOPBACK,
     RESULTS,
     Process,
@@ -55,7 +56,6 @@ from harness import (
     machine,
     machine_line,
     pinned,
-    shared_ranges_dir,
     start_archeio,
     start_serving,
     write_mirrors_file,
@@ -136,7 +136,7 @@ def aws_address(region: str) -> str:
 
     from iprange import AWS, Placement, load_index
 
-    index = load_index(shared_ranges_dir())
+    index = load_index(None)
     for prefix, prefix_region in index.providers[AWS].prefixes:
         if prefix_region != region or ":" in prefix:
             continue
@@ -371,10 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {
             "UPSTREAM_REGISTRY_ENDPOINT": UPSTREAM, "UPSTREAM_REGISTRY_PATH": REGISTRY_PATH,
             "DEFAULT_AWS_BASE_URL": f"{base}/cdn", "ARCHEIO_MIRRORS_FILE": str(mirrors_file),
-            "ARCHEIO_LOG_LEVEL": "info",
+            "ARCHEIO_LOG_LEVEL": "info", **EMBEDDED_RANGES,
         }
-        if shared_ranges_dir():
-            env["ARCHEIO_RANGES_DIR"] = str(shared_ranges_dir())
         server_log = tmp / "archeio.log"
         with start_mirror(mirror_port, generator_cpus, tmp / "mirror.log") as mirror_process, \
                 start_archeio(env, port, server_cpus, server_log):

@@ -4,10 +4,9 @@
   kinds of address: IPv4 in AWS, IPv4 in Google Cloud, IPv4 in no range,
   IPv6 in AWS, IPv6 in no range, and an IPv4-mapped IPv6 address (which
   must be looked up as its IPv4 address). Each is timed `--repeats` times
-  (timeit, 20,000 lookups a repeat) on both the embedded data (the
-  default) and the shared published files where present; the figure per
-  address is the median of the repeats with their range, and the headline
-  is the worst address. Floor (issue 13): <= 400 ns, printed with the CPU
+  (timeit, 20,000 lookups a repeat) on the embedded data (the default);
+  the figure per address is the median of the repeats with their range,
+  and the headline is the worst address. Floor (issue 13): <= 400 ns, printed with the CPU
   model that measured it.
 - **`archeio serve --workers 2`**: started `--starts` times with the admin
   port on; once /readyz answers 200 and each worker has served requests,
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    EMBEDDED_RANGES,
     LOOPBACK,
     RESULTS,
     SERVER_CWD,
@@ -46,7 +46,6 @@ from harness import (
     machine,
     machine_line,
     process_tree,
-    shared_ranges_dir,
 )
 
 LOOKUP_FLOOR_NS = 400.0
@@ -70,8 +69,6 @@ def lookup_ns(repeats: int) -> dict[str, Any]:
     from iprange import load_index
 
     sources: dict[str, Path | None] = {"embedded": None}
-    if shared_ranges_dir():
-        sources["shared files"] = shared_ranges_dir()
     found: dict[str, dict[str, dict[str, float]]] = {}
     for name, source in sources.items():
         lookup = load_index(source).lookup
@@ -122,7 +119,7 @@ def workers_processes(tmp: Path, run: int) -> dict[str, Any]:
     port, admin_port = free_port(), free_port()
     env = {**os.environ, "PORT": str(port), "ARCHEIO_HOST": LOOPBACK, "ARCHEIO_ADMIN_PORT": str(admin_port),
            "ARCHEIO_ADMIN_HOST": LOOPBACK, "ARCHEIO_WORKERS": "2", "ARCHEIO_LOG_LEVEL": "warning",
-           "ARCHEIO_RANGES_DIR": str(shared_ranges_dir() or "")}
+           **EMBEDDED_RANGES}
     with Process("archeio --workers 2", archeio_command(), env, log=tmp / f"workers-{run}.log",
                  cwd=SERVER_CWD) as server:
         deadline = time.monotonic() + 60

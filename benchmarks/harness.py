@@ -12,6 +12,7 @@ URL built here points there.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import functools
@@ -34,14 +35,11 @@ from typing import Any
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
-SHARED_RANGES = REPO.parent / "shared" / "ranges"
 LOOPBACK = "127.0.0.1"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def shared_ranges_dir() -> Path | None:
-    """The team's real published range files, or None where they are absent."""
-    return SHARED_RANGES if SHARED_RANGES.is_dir() else None
+# The range data of every benchmark: the embedded data, the same on every
+# machine (set explicitly: servers otherwise inherit the caller's environment).
+EMBEDDED_RANGES = {"ARCHEIO_RANGES_DIR": ""}
 
 
 def free_port() -> int:
@@ -135,20 +133,40 @@ def wait_until_serving(process: Process, port: int, path: str = "/v2/", timeout:
 SERVER_CWD = Path(tempfile.gettempdir())
 
 
-def archeio_command() -> list[str]:
-    """The real `archeio serve` console script of this interpreter's environment."""
+def archeio_command(tree: Path | None = None) -> list[str]:
+    """The real `archeio serve` console script of this interpreter's environment.
+
+    With `tree` (another checkout, such as the code before a change), the
+    same interpreter and dependencies run that checkout's code instead:
+    `python -m archeio serve` with `tree_env(tree)` in its environment.
+    """
+    if tree is not None:
+        return [sys.executable, "-m", "archeio", "serve"]
     script = Path(sys.executable).parent / "archeio"
     if script.exists():
         return [str(script), "serve"]
     return [sys.executable, "-m", "archeio", "serve"]
 
 
+def add_tree_argument(parser: argparse.ArgumentParser) -> None:
+    """`--tree PATH`: the benchmark serves that checkout's code (`archeio_command`)."""
+    parser.add_argument("--tree", type=Path, metavar="PATH",
+                        help="serve this checkout's archeio instead of the installed one (e.g. the code "
+                        "before a change), with this environment's interpreter and dependencies")
+
+
+def tree_env(tree: Path | None) -> dict[str, str]:
+    """The environment that makes `archeio_command(tree)` import `tree`'s archeio (and iprange)."""
+    return {"PYTHONPATH": str(tree.resolve())} if tree is not None else {}
+
+
 def start_serving(name: str, command: Sequence[str], port: int, env: Mapping[str, str] | None = None,
-                  log: Path | None = None, ready_path: str = "/v2/", cwd: Path | None = None) -> Process:
+                  log: Path | None = None, ready_path: str = "/v2/", cwd: Path | None = None,
+                  timeout: float = 30.0) -> Process:
     """Start `command` and return once `port` answers HTTP; stopped again if it never does."""
     process = Process(name, command, env, log=log, cwd=cwd)
     try:
-        wait_until_serving(process, port, ready_path)
+        wait_until_serving(process, port, ready_path, timeout)
     except BaseException:
         process.stop()
         raise
@@ -161,15 +179,16 @@ DEFAULT_ENGINE = "default"  # whatever `archeio serve` picks when not told
 
 
 @functools.cache
-def serve_help() -> str:
-    done = subprocess.run([*archeio_command(), "--help"], capture_output=True, text=True, timeout=60, check=False)
+def serve_help(tree: Path | None = None) -> str:
+    done = subprocess.run([*archeio_command(tree), "--help"], capture_output=True, text=True, timeout=60,
+                          check=False, env={**os.environ, **tree_env(tree)}, cwd=SERVER_CWD)
     return done.stdout
 
 
-def engine_problem(engines: Sequence[str]) -> str | None:
-    """Why these engines cannot be measured with this `archeio serve`, or None."""
+def engine_problem(engines: Sequence[str], tree: Path | None = None) -> str | None:
+    """Why these engines cannot be measured with this `archeio serve` (or `tree`'s), or None."""
     named = [e for e in engines if e != DEFAULT_ENGINE]
-    if named and "--http" not in serve_help():
+    if named and "--http" not in serve_help(tree):
         return (f"this archeio serve has no --http flag (ARCHEIO_HTTP): cannot select {', '.join(named)}; "
                 f"measure '{DEFAULT_ENGINE}' only")
     return None
@@ -188,23 +207,36 @@ WRK2_WHERE = (
 )
 
 
-def find_wrk2(explicit: str | None = None) -> str | None:
-    """wrk2 from --wrk2, else $WRK2, else `wrk2` on PATH; None when none is executable."""
-    for candidate in (explicit, os.environ.get("WRK2"), shutil.which("wrk2")):
+def find_executable(explicit: str | None, variable: str, on_path: str | None = None) -> str | None:
+    """A tool the user builds: `explicit` (a flag), else $`variable`, else `on_path` on PATH.
+
+    None when none of them names an executable file.
+    """
+    for candidate in (explicit, os.environ.get(variable), shutil.which(on_path) if on_path else None):
         if candidate and os.access(candidate, os.X_OK) and Path(candidate).is_file():
             return str(Path(candidate).resolve())
     return None
 
 
+def find_wrk2(explicit: str | None = None) -> str | None:
+    """wrk2 from --wrk2, else $WRK2, else `wrk2` on PATH; None when none is executable."""
+    return find_executable(explicit, "WRK2", "wrk2")
+
+
 def start_archeio(env: Mapping[str, str], port: int, cpus: str | None = None,
-                  log: Path | None = None, name: str = "archeio") -> Process:
+                  log: Path | None = None, name: str = "archeio", tree: Path | None = None,
+                  wrapper: Sequence[str] = (), timeout: float = 30.0) -> Process:
     """`archeio serve` on 127.0.0.1:`port` with `env` added to ours, once it serves.
 
     The admin port is off unless `env` sets one: several servers run side by
-    side, and its default port would clash.
+    side, and its default port would clash. `tree` serves another
+    checkout's code (`archeio_command`); `wrapper` runs the server under a
+    tool (valgrind), which may need a longer start-up `timeout`.
     """
-    full_env = {**os.environ, "ARCHEIO_ADMIN_PORT": "0", **env, "PORT": str(port), "ARCHEIO_HOST": LOOPBACK}
-    return start_serving(name, pinned(cpus, archeio_command()), port, full_env, log, cwd=SERVER_CWD)
+    full_env = {**os.environ, "ARCHEIO_ADMIN_PORT": "0", **env, **tree_env(tree), "PORT": str(port),
+                "ARCHEIO_HOST": LOOPBACK}
+    command = pinned(cpus, [*wrapper, *archeio_command(tree)])
+    return start_serving(name, command, port, full_env, log, cwd=SERVER_CWD, timeout=timeout)
 
 
 def start_bucket(port: int, *args: str, cpus: str | None = None, log: Path | None = None) -> Process:
@@ -284,8 +316,8 @@ def cpu_seconds(pid: int) -> float:
     return total / _CLOCK_TICKS
 
 
-def machine() -> dict[str, object]:
-    """What the figures were measured on."""
+def machine(tree: Path | None = None) -> dict[str, object]:
+    """What the figures were measured on (the code: this checkout's, or `tree`'s)."""
     model = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -301,21 +333,21 @@ def machine() -> dict[str, object]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "archeio_commit": _commit(),
+        "archeio_commit": _commit(tree or REPO),
     }
 
 
-def _commit() -> str:
+def _commit(tree: Path) -> str:
     """The code measured: commit of the work tree, "-dirty" with uncommitted changes.
 
     Changes to the result files do not count: one benchmark of `make bench`
     writes them before the next one asks.
     """
     try:
-        described = subprocess.run(["git", "describe", "--always"], cwd=REPO, capture_output=True,
+        described = subprocess.run(["git", "describe", "--always"], cwd=tree, capture_output=True,
                                    text=True, timeout=10, check=True)
         changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                  f":!{RESULTS.relative_to(REPO)}"], cwd=REPO, capture_output=True, text=True,
+                                  f":!{RESULTS.relative_to(REPO)}"], cwd=tree, capture_output=True, text=True,
                                  timeout=10, check=True)
     except (OSError, subprocess.SubprocessError, ValueError):
         return "unknown"

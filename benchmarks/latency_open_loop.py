@@ -13,7 +13,7 @@ One run:
    every mirror on the bucket, and a one-worker nginx `return 307` (CPU 0
    too); wrk2 and the bucket on CPU 1;
 2. the realistic mix (traffic_mix.py, the Locust suite's: whole pulls,
-   clients at real cloud addresses from ../shared/ranges where present)
+   clients at real cloud addresses of the embedded range data)
    written to a file that wrk2's Lua hook (wrk2_mix.lua) sends, counting
    every answer that is not a 200 or a 307 and every 307 to a Location
    the mix cannot produce;
@@ -43,6 +43,18 @@ time below that. One wrk2 thread drives about 60,000 plain requests/s
 per core; the Lua hook costs more (its CPU per request is reported, and
 a run it could not drive is marked).
 
+Without wrk2 (`--wrk2`, $WRK2, or wrk2 on PATH; benchmarks/README.md says
+how to build it) the same run falls back to **closed-loop pacing**: the
+capacity is measured by wrk (Debian's, the same mix hook, as fast as
+answers come, as wrk2 does at `-R` 1,000,000), and each fixed rate is
+driven by Locust's paced users (`constant_throughput`, `--user-rate`
+requests/s each, the locustfile checking every answer exactly), up to the
+rate they can drive: the first share Locust cannot drive is reported as
+such beside its figure, and higher shares are not attempted. Paced users
+still wait for each answer before their next request, so a stall can hide
+from those percentiles: the figures are labelled closed-loop pacing, and
+the p99 floor is not judged on them.
+
 Floor (issue 13): p99 <= 10 ms at 50% of capacity, one worker.
 Results: benchmarks/results/latency-open-loop.{json,csv,md}, a line in
 latency-open-loop-history.csv.
@@ -56,6 +68,7 @@ import json
 import math
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,6 +83,7 @@ from typing import Any
 from harness import (
     BENCHMARKS,
     DEFAULT_ENGINE,
+    EMBEDDED_RANGES,
     LOOPBACK,
     RESULTS,
     WRK2_WHERE,
@@ -86,11 +100,11 @@ from harness import (
     machine,
     machine_line,
     pinned,
-    shared_ranges_dir,
     start_archeio,
     start_bucket,
     start_nginx,
 )
+from latency_steps import Rig, measure_step
 
 P99_FLOOR_MS = 10.0
 FLOOR_SHARE = 50
@@ -99,15 +113,18 @@ DRIVEN_SHARE = 0.95  # of the requested rate
 GENERATOR_CPU_LIMIT = 0.90  # of one core per wrk2 thread
 MIX_REQUESTS = 50_000
 LUA_HOOK = BENCHMARKS / "wrk2_mix.lua"
+# How the fixed rates were driven.
+OPEN_LOOP = "open loop (wrk2)"
+PACING = "closed-loop pacing (Locust's paced users; no wrk2)"
 
 FIELDS = [
     "target", "share", "rate", "achieved_rps", "requests_measured", "p50_ms", "p99_ms", "p999_ms", "max_ms",
     "uncorrected_p50_ms", "uncorrected_p99_ms", "uncorrected_p999_ms", "server_cpu_us_per_request",
     "generator_cpu_share", "generator_cpu_us_per_request", "driven", "answers_200", "answers_307",
-    "unexpected_answers", "wrong_locations", "socket_errors",
+    "unexpected_answers", "wrong_locations", "socket_errors", "users", "note",
 ]
 
-# -- wrk2 --------------------------------------------------------------------------
+# -- wrk2 (and wrk) ------------------------------------------------------------------
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
@@ -122,6 +139,25 @@ def _distribution(section: str) -> dict[str, float]:
     return {p: _ms(v) for p, v in re.findall(r"^\s*([\d.]+)%\s+([\d.]+(?:us|ms|s|m|h))\s*$", section, re.M)}
 
 
+def parse_wrk(output: str) -> dict[str, Any]:
+    """Counts and rate of one run of wrk or wrk2 with the mix hook (wrk2_mix.lua)."""
+    total = re.search(r"(\d+) requests in ([\d.]+(?:us|ms|s|m|h))", output)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    check = re.search(r"^mix-check: (\{.*\})$", output, re.M)
+    if not total or not rps or not check:
+        raise RuntimeError(f"cannot read wrk output:\n{output}")
+    answers = json.loads(check[1])
+    return {
+        "requests": int(total[1]),
+        "seconds": _ms(total[2]) / 1e3,
+        "achieved_rps": float(rps[1]),
+        "answers_200": answers["200"], "answers_307": answers["307"], "unexpected_answers": answers["other"],
+        "wrong_locations": answers["wrong_location"], "problems": answers["examples"],
+        "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0,
+    }
+
+
 def parse_wrk2(output: str) -> dict[str, Any]:
     """The figures of one `wrk2 -U` run with the mix hook."""
     corrected, _, rest = output.partition("Uncorrected Latency")
@@ -129,27 +165,15 @@ def parse_wrk2(output: str) -> dict[str, Any]:
         raise RuntimeError(f"cannot read wrk2 output (run with -U):\n{output}")
     right = _distribution(corrected.split("Recorded Latency", 1)[1].split("Detailed Percentile", 1)[0])
     raw = _distribution(rest.split("Detailed Percentile", 1)[0])
-    total = re.search(r"(\d+) requests in ([\d.]+(?:us|ms|s|m|h))", output)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
     measured = re.search(r"Total count\s*=\s*(\d+)", corrected)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    check = re.search(r"^mix-check: (\{.*\})$", output, re.M)
     max_value = re.search(r"#\[Max\s*=\s*([\d.]+)", corrected)
-    if not total or not rps or not check:
-        raise RuntimeError(f"cannot read wrk2 output:\n{output}")
-    answers = json.loads(check[1])
     return {
-        "requests": int(total[1]),
-        "seconds": _ms(total[2]) / 1e3,
-        "achieved_rps": float(rps[1]),
+        **parse_wrk(output),
         "requests_measured": int(measured[1]) if measured else None,
         "p50_ms": right.get("50.000"), "p99_ms": right.get("99.000"), "p999_ms": right.get("99.900"),
         "max_ms": round(float(max_value[1]), 3) if max_value else right.get("100.000"),
         "uncorrected_p50_ms": raw.get("50.000"), "uncorrected_p99_ms": raw.get("99.000"),
         "uncorrected_p999_ms": raw.get("99.900"),
-        "answers_200": answers["200"], "answers_307": answers["307"], "unexpected_answers": answers["other"],
-        "wrong_locations": answers["wrong_location"], "problems": answers["examples"],
-        "socket_errors": sum(int(n) for n in errors.groups()) if errors else 0,
     }
 
 
@@ -171,17 +195,22 @@ class Target:
 
 @dataclass(frozen=True)
 class Generator:
-    wrk2: str
+    """wrk2 (`open_loop`), else plain wrk: it only saturates, and Locust drives the fixed rates."""
+
+    binary: str
+    open_loop: bool
     connections: int
     threads: int
     cpus: str | None
 
 
-def run_wrk2(generator: Generator, target: Target, rate: int, seconds: int) -> dict[str, Any]:
-    """One wrk2 run; the server's CPU time and wrk2's own are read around it."""
+def run_wrk(generator: Generator, target: Target, rate: int, seconds: int) -> dict[str, Any]:
+    """One wrk2 run at `rate` (plain wrk: as fast as answers come); the server's CPU time and the generator's."""
+    assert generator.open_loop or rate == SATURATING_RATE, "plain wrk cannot hold a rate"
     command = pinned(generator.cpus, [
-        generator.wrk2, f"-t{generator.threads}", f"-c{generator.connections}", f"-d{seconds}s", f"-R{rate}",
-        "-U", "-s", str(LUA_HOOK), f"http://{LOOPBACK}:{target.port}/", "--", str(target.requests_file),
+        generator.binary, f"-t{generator.threads}", f"-c{generator.connections}", f"-d{seconds}s",
+        *([f"-R{rate}", "-U"] if generator.open_loop else []),
+        "-s", str(LUA_HOOK), f"http://{LOOPBACK}:{target.port}/", "--", str(target.requests_file),
         *([str(target.locations_file)] if target.locations_file else []),
     ])
     server_before, generator_before = cpu_seconds(target.pid), children_cpu_seconds()
@@ -189,8 +218,8 @@ def run_wrk2(generator: Generator, target: Target, rate: int, seconds: int) -> d
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120, check=False)
     elapsed = time.monotonic() - started
     if done.returncode != 0:
-        raise RuntimeError(f"wrk2 failed ({done.returncode}): {done.stderr}\n{done.stdout}")
-    figures = parse_wrk2(done.stdout)
+        raise RuntimeError(f"{generator.binary} failed ({done.returncode}): {done.stderr}\n{done.stdout}")
+    figures = parse_wrk2(done.stdout) if generator.open_loop else parse_wrk(done.stdout)
     # The histograms hold the samples after calibration; the rate over that
     # window is the one the percentiles describe (the whole run's includes
     # the connections' staggered start).
@@ -211,6 +240,41 @@ def run_wrk2(generator: Generator, target: Target, rate: int, seconds: int) -> d
     busy = figures["generator_cpu_share"] >= GENERATOR_CPU_LIMIT
     figures["driven"] = rate == SATURATING_RATE or (figures["achieved_rps"] >= DRIVEN_SHARE * rate and not busy)
     return figures
+
+
+# -- closed-loop pacing (no wrk2) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """What Locust's paced users need to drive one target."""
+
+    env: dict[str, str]  # the server's settings and BENCH_* knobs
+    user_rate: float
+    warmup: int
+    out: Path
+
+
+def run_paced(pacing: Pacing, target: Target, rig: Rig, rate: int, seconds: int) -> dict[str, Any]:
+    """Locust's paced users at `rate` against `target` (`rig`: the same server, as latency-steps sees it)."""
+    users = max(1, math.ceil(rate / pacing.user_rate))
+    env = {**pacing.env, "BENCH_USER_RATE": f"{rate / users:g}", "BENCH_WARMUP": str(pacing.warmup),
+           **({} if target.locations_file else {"BENCH_CHECK": "0"})}
+    row: dict[str, Any] = {"target": target.name, "rate": rate, "users": users}
+    try:
+        step = measure_step(rig, rate, users, env, pacing.warmup + seconds, pacing.out / f"{target.name}-{rate}")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return {**row, "driven": False, "note": f"Locust gave no figures ({exc})"}
+    row.update({key: step[key] for key in ("achieved_rps", "p50_ms", "p99_ms", "p999_ms", "max_ms",
+                                           "server_cpu_us_per_request", "server_cpu_share", "generator_cpu_share",
+                                           "driven")})
+    row.update({"requests_measured": step["requests"], "unexpected_answers": step["failures"],
+                # Locust's failures: wrong statuses, wrong Locations and errors alike.
+                "wrong_locations": None, "socket_errors": None, "problems": step["failure_examples"]})
+    if not step["driven"]:
+        row["note"] = (f"Locust's paced users drove {step['achieved_rps']:,.0f} of {rate:,} req/s "
+                       f"({users} users, generator CPU {step['generator_cpu_share']}): not this rate")
+    return row
 
 
 # -- the mix -----------------------------------------------------------------------
@@ -236,14 +300,15 @@ def write_mix(env: dict[str, str], directory: Path, count: int, seed: int) -> tu
 
 def measure_capacity(generator: Generator, targets: list[Target], rounds: int, seconds: int,
                      log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Each target's capacity: wrk2 saturating it, rounds alternating, the median."""
+    """Each target's capacity: the generator saturating it, rounds alternating, the median."""
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    tool = Path(generator.binary).name
     for round_ in range(1, rounds + 1):
         for target in targets:
-            run = run_wrk2(generator, target, SATURATING_RATE, seconds)
+            run = run_wrk(generator, target, SATURATING_RATE, seconds)
             runs[target.name].append(run)
             log(f"  capacity round {round_} {target.name:<8} {run['achieved_rps']:>9.0f} req/s  server CPU "
-                f"{run['server_cpu_share']:.2f} of a core, {run['server_cpu_us_per_request']} us/req; wrk2 CPU "
+                f"{run['server_cpu_share']:.2f} of a core, {run['server_cpu_us_per_request']} us/req; {tool} CPU "
                 f"{run['generator_cpu_share']:.2f}, {run['generator_cpu_us_per_request']} us/req")
     found = {}
     for name, mine in runs.items():
@@ -256,7 +321,7 @@ def measure_capacity(generator: Generator, targets: list[Target], rounds: int, s
             "server_cpu_share": statistics.median(r["server_cpu_share"] for r in mine),
             "generator_cpu_share": statistics.median(r["generator_cpu_share"] for r in mine),
             "generator_cpu_us_per_request": statistics.median(r["generator_cpu_us_per_request"] for r in mine),
-            # wrk2, not the server, ran out of CPU: the true capacity is higher.
+            # The generator, not the server, ran out of CPU: the true capacity is higher.
             "generator_bound": generator_bound,
             "unexpected_answers": sum(r["unexpected_answers"] + r["wrong_locations"] for r in mine),
             "runs": mine,
@@ -264,61 +329,90 @@ def measure_capacity(generator: Generator, targets: list[Target], rounds: int, s
     return found
 
 
-def floors(steps: list[dict[str, Any]], capacity: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _wrong(step: dict[str, Any]) -> int:
+    return sum(step.get(key) or 0 for key in ("unexpected_answers", "wrong_locations", "socket_errors"))
+
+
+def floors(result: dict[str, Any]) -> list[dict[str, Any]]:
+    steps, capacity = result["steps"], result["capacity"]
     at_floor = next((s for s in steps if s["target"] == "archeio" and s["share"] == FLOOR_SHARE), None)
-    ours = [s for s in steps if s["target"] == "archeio"]
-    wrong = sum(s["unexpected_answers"] + s["wrong_locations"] + s["socket_errors"] for s in ours)
-    wrong += capacity["archeio"]["unexpected_answers"]
+    wrong = sum(_wrong(s) for s in steps if s["target"] == "archeio") + capacity["archeio"]["unexpected_answers"]
     p99 = at_floor["p99_ms"] if at_floor and at_floor["driven"] else None
+    latency: dict[str, Any] = {
+        "floor": f"p99 <= {P99_FLOOR_MS:g} ms (corrected, wrk2) at {FLOOR_SHARE}% of one worker's capacity",
+        "measured": p99 if p99 is not None else "not driven", "met": p99 is not None and p99 <= P99_FLOOR_MS,
+    }
+    if result["mode"] == PACING:
+        # Paced users wait for each answer: their p99 can hide a stall, so it cannot stand for wrk2's.
+        latency.update({"met": None, "note": "no wrk2: closed-loop pacing cannot judge an open-loop floor "
+                        "(benchmarks/README.md, Getting wrk2)"})
     return [
-        {"floor": f"p99 <= {P99_FLOOR_MS:g} ms (corrected, wrk2) at {FLOOR_SHARE}% of one worker's capacity",
-         "measured": p99 if p99 is not None else "not driven", "met": p99 is not None and p99 <= P99_FLOOR_MS},
+        latency,
         {"floor": "no answer but 200 or 307, no 307 to a Location the mix cannot produce, no socket error",
          "measured": wrong, "met": wrong == 0},
     ]
 
 
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     capacity = result["capacity"]
+    open_loop = result["mode"] == OPEN_LOOP
+    tool = "wrk2" if open_loop else "wrk"
     lines = [
-        "# Latency near capacity, open loop (benchmarks/latency-open-loop)",
+        f"# Latency near capacity, {result['mode']} (benchmarks/latency-open-loop)",
         "",
         f"Machine: {machine_line(result['machine'])}.  ",
         f"Layout: {result['layout']}. Server: `archeio serve`, one worker, HTTP engine {result['engine']}, "
         f"ranges: {result['ranges']}. Generator: {result['generator']}, the realistic mix "
-        f"({result['mix_requests']:,} requests of whole pulls, wrk2_mix.lua). Baseline: nginx `return 307` "
+        f"({result['mix_requests']:,} requests of whole pulls). Baseline: nginx `return 307` "
         "(one worker) at the same absolute rates.",
         "",
-        "Capacity (wrk2 saturating, median of rounds, min-max):",
+        f"Capacity ({tool} saturating, median of rounds, min-max):",
         "",
         "| server | req/s | range | server CPU share | server CPU us/req | a whole core at that cost, req/s | "
-        "wrk2 CPU share | wrk2 CPU us/req |",
+        f"{tool} CPU share | {tool} CPU us/req |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, c in capacity.items():
-        bound = " (wrk2-bound: a lower bound)" if c["generator_bound"] else ""
+        bound = f" ({tool}-bound: a lower bound)" if c["generator_bound"] else ""
         lines.append(f"| {name} | {c['rps']:,}{bound} | {c['min']:,}-{c['max']:,} | {c['server_cpu_share']} | "
                      f"{c['server_cpu_us_per_request']} | {1e6 / c['server_cpu_us_per_request']:,.0f} | "
                      f"{c['generator_cpu_share']} | {c['generator_cpu_us_per_request']} |")
     lines += ["", "A server CPU share well below 1 at capacity means something else held it back: on a shared "
               "machine, usually the neighbours' processes on the same core. The shares below are of the req/s "
               "column, what the server got here."]
+    if open_loop:
+        lines += ["", f"Fixed rates, {result['seconds']} s measured each after wrk2's calibration; latency in ms, "
+                  "corrected (from the schedule) and uncorrected (from the send):"]
+    else:
+        lines += ["", f"Fixed rates, **closed-loop pacing**: Locust's paced users ({result['user_rate']:g} req/s "
+                  f"each, `constant_throughput`), {result['seconds']} s measured each after {result['warmup']} s "
+                  "of warm-up, every answer checked; latency in ms from the send. A paced user waits for each "
+                  "answer, so a stall can hide from these percentiles (no correction for coordinated omission): "
+                  "wrk2 gives the open-loop figures (benchmarks/README.md, Getting wrk2)."]
     lines += [
         "",
-        f"Fixed rates, {result['seconds']} s measured each after wrk2's calibration; latency in ms, corrected "
-        "(from the schedule) and uncorrected (from the send):",
-        "",
         "| target | share of archeio's capacity | rate | achieved | p50 | p99 | p99.9 | max | uncorrected "
-        "p50 / p99 / p99.9 | server CPU us/req | wrk2 CPU | driven | not 200/307, wrong Location |",
+        "p50 / p99 / p99.9 | server CPU us/req | generator CPU | driven | not 200/307, wrong Location |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for s in result["steps"]:
+        achieved = "-" if s.get("achieved_rps") is None else f"{s['achieved_rps']:,.0f}"
+        driven = "yes" if s["driven"] else f"NO: {s.get('note') or 'the generator could not drive it'}"
+        wrong = (f"{_cell(s.get('unexpected_answers'))}, {_cell(s.get('wrong_locations'))}" if open_loop
+                 else f"{_cell(s.get('unexpected_answers'))} (Locust's failures)")
         lines.append(
-            f"| {s['target']} | {s['share']}% | {s['rate']:,} | {s['achieved_rps']:,.0f} | {s['p50_ms']} | "
-            f"{s['p99_ms']} | {s['p999_ms']} | {s['max_ms']} | {s['uncorrected_p50_ms']} / "
-            f"{s['uncorrected_p99_ms']} / {s['uncorrected_p999_ms']} | {s['server_cpu_us_per_request']} | "
-            f"{s['generator_cpu_share']} | {'yes' if s['driven'] else 'NO (generator)'} | "
-            f"{s['unexpected_answers']}, {s['wrong_locations']} |")
+            f"| {s['target']} | {s['share']}% | {s['rate']:,} | {achieved} | {_cell(s.get('p50_ms'))} | "
+            f"{_cell(s.get('p99_ms'))} | {_cell(s.get('p999_ms'))} | {_cell(s.get('max_ms'))} | "
+            f"{_cell(s.get('uncorrected_p50_ms'))} / {_cell(s.get('uncorrected_p99_ms'))} / "
+            f"{_cell(s.get('uncorrected_p999_ms'))} | {_cell(s.get('server_cpu_us_per_request'))} | "
+            f"{_cell(s.get('generator_cpu_share'))} | {driven} | {wrong} |")
+    if result["not_attempted"]:
+        lines += ["", *(f"- {share}% = {rate:,} req/s: not attempted, {why}"
+                        for share, rate, why in result["not_attempted"])]
     lines += ["", *floors_table(result["floors"])]
     return "\n".join(lines) + "\n"
 
@@ -328,12 +422,62 @@ def history_row(result: dict[str, Any]) -> dict[str, object]:
     row: dict[str, object] = {
         "date": info["date"], "code": info["archeio_commit"], "cpu_model": info["cpu_model"],
         "load_average": info["load_average_at_start"][0], "engine": result["engine"],
-        "capacity_rps": result["capacity"]["archeio"]["rps"], "nginx_capacity_rps": result["capacity"]["nginx"]["rps"],
+        "generator": "wrk2" if result["mode"] == OPEN_LOOP else "locust-pacing",
+        "capacity_rps": result["capacity"]["archeio"]["rps"],
+        "nginx_capacity_rps": result["capacity"].get("nginx", {}).get("rps"),
     }
+    # Paced figures get columns of their own: the wrk2 columns' spread stays open-loop only.
+    paced = "" if result["mode"] == OPEN_LOOP else "paced_"
     for s in result["steps"]:
         prefix = "" if s["target"] == "archeio" else "nginx_"
-        row[f"{prefix}p99_ms_at_{s['share']}"] = s["p99_ms"]
+        row[f"{paced}{prefix}p99_ms_at_{s['share']}"] = s.get("p99_ms")
     return row
+
+
+def drive_open_loop(generator: Generator, targets: list[Target], capacity: dict[str, dict[str, Any]],
+                    shares: list[int], seconds: int) -> list[dict[str, Any]]:
+    """wrk2 at each share of archeio's capacity, every target at the same absolute rate."""
+    steps = []
+    for share in shares:
+        rate = max(1, round(capacity["archeio"]["rps"] * share / 100))
+        for target in targets:
+            step = run_wrk(generator, target, rate, seconds + calibration_seconds(generator.connections,
+                                                                                  generator.threads))
+            step["share"] = share
+            steps.append(step)
+            print(f"  {target.name:<8} {share}% = {rate:>6} req/s: achieved {step['achieved_rps']:.0f}, p50 "
+                  f"{step['p50_ms']} ms, p99 {step['p99_ms']} ms, p99.9 {step['p999_ms']} ms (uncorrected p99 "
+                  f"{step['uncorrected_p99_ms']} ms), server {step['server_cpu_us_per_request']} us/req, "
+                  f"wrk2 CPU {step['generator_cpu_share']}"
+                  + ("" if step["driven"] else "  <- wrk2 could not drive this rate")
+                  + (f"  problems: {step['problems']}" if step["problems"] else ""))
+    return steps
+
+
+def drive_paced(pacing: Pacing, targets: list[Target], rigs: dict[str, Rig], capacity: dict[str, dict[str, Any]],
+                shares: list[int], seconds: int) -> tuple[list[dict[str, Any]], list[tuple[int, int, str]]]:
+    """Locust's paced users at each share, up to the first rate they cannot drive; (steps, not attempted)."""
+    steps: list[dict[str, Any]] = []
+    skipped: list[tuple[int, int, str]] = []
+    for share in sorted(shares):
+        rate = max(1, round(capacity["archeio"]["rps"] * share / 100))
+        if skipped or (steps and not steps[-1]["driven"]):
+            reached = next((s.get("achieved_rps") for s in steps if not s["driven"]), None)
+            skipped.append((share, rate, "above the rate Locust's paced users could drive"
+                            + (f" ({reached:,.0f} req/s)" if reached is not None else "")))
+            print(f"  {share}% = {rate:>6} req/s: not attempted ({skipped[-1][2]})")
+            continue
+        for target in targets:
+            step = run_paced(pacing, target, rigs[target.name], rate, seconds)
+            step["share"] = share
+            steps.append(step)
+            print(f"  {target.name:<8} {share}% = {rate:>6} req/s, {step['users']} paced users: achieved "
+                  f"{_cell(step.get('achieved_rps'))}, p50 {_cell(step.get('p50_ms'))} ms, p99 "
+                  f"{_cell(step.get('p99_ms'))} ms, server {_cell(step.get('server_cpu_us_per_request'))} us/req"
+                  + ("" if step["driven"] else f"  <- {step['note']}"))
+            if not step["driven"]:
+                break  # the baseline at a rate the generator cannot drive says nothing either
+    return steps, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,48 +487,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=60,
                         help="measured seconds per rate, after wrk2's calibration (default 60)")
     parser.add_argument("--shares", default="25,50,75", help="percent of archeio's capacity (default 25,50,75)")
-    parser.add_argument("--connections", type=int, default=64, help="wrk2 connections (default 64)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk2 (or wrk) connections (default 64)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="wrk2 threads, each on its own core when pinned (default 1)")
+                        help="wrk2 (or wrk) threads, each on its own core when pinned (default 1)")
     parser.add_argument("--capacity-seconds", type=int, default=8, help="length of a capacity run (default 8)")
     parser.add_argument("--capacity-rounds", type=int, default=3, help="alternating capacity rounds (default 3)")
+    parser.add_argument("--user-rate", type=float, default=50.0,
+                        help="without wrk2: req/s per paced Locust user (default 50, as benchmarks/latency-steps)")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="without wrk2: seconds of each paced run before measuring (default 4)")
     parser.add_argument("--http", default=DEFAULT_ENGINE, help="archeio's HTTP engine (ARCHEIO_HTTP; default: "
                         "the server's own default)")
     parser.add_argument("--no-baseline", action="store_true", help="skip nginx at the same rates")
-    parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk2 to separate CPUs")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin servers and the generator to separate CPUs")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
 
     wrk2 = find_wrk2(args.wrk2)
-    if wrk2 is None:
-        print(f"benchmarks/latency-open-loop: {WRK2_WHERE}", file=sys.stderr)
+    binary = wrk2 or shutil.which("wrk")
+    if binary is None:
+        print(f"benchmarks/latency-open-loop: neither wrk2 nor wrk: {WRK2_WHERE}; without it, wrk (Debian "
+              "package `wrk`) measures the capacity and Locust paces the rates", file=sys.stderr)
         return 2
     problem = engine_problem([args.http])
     if problem:
         print(f"benchmarks/latency-open-loop: {problem}", file=sys.stderr)
         return 2
+    mode = OPEN_LOOP if wrk2 else PACING
     pin = can_pin() and not args.no_pin
     server_cpus = "0" if pin else None
     load_cpus = ",".join(str(1 + i) for i in range(args.threads)) if pin else None
-    generator = Generator(wrk2, args.connections, args.threads, load_cpus)
-    layout = (f"servers pinned to CPU 0, wrk2 and the stand-in bucket to CPU {load_cpus} (taskset)" if pin
+    generator = Generator(binary, wrk2 is not None, args.connections, args.threads, load_cpus)
+    tools = "wrk2" if wrk2 else "wrk, Locust"
+    layout = (f"servers pinned to CPU 0, {tools} and the stand-in bucket to CPU {load_cpus} (taskset)" if pin
               else "not pinned")
     info = machine()
     shares = [int(s) for s in args.shares.split(",")]
-    calibration = calibration_seconds(args.connections, args.threads)
-    ranges = shared_ranges_dir()
     print(f"machine: {machine_line(info)}\nlayout: {layout}")
-    print(f"wrk2: {wrk2} -t{args.threads} -c{args.connections}, {args.seconds} s measured per rate "
-          f"(+{calibration} s calibration), shares {shares} of capacity")
-    steps: list[dict[str, Any]] = []
+    if wrk2:
+        print(f"wrk2: {wrk2} -t{args.threads} -c{args.connections}, {args.seconds} s measured per rate "
+              f"(+{calibration_seconds(args.connections, args.threads)} s calibration), shares {shares} of capacity")
+    else:
+        print(f"no wrk2, so closed-loop pacing: capacity by {binary} -t{args.threads} -c{args.connections}, "
+              f"fixed rates by Locust's paced users ({args.user_rate:g} req/s each), {args.seconds} s measured "
+              f"per rate after {args.warmup} s; shares {shares} of capacity, up to the first Locust cannot drive")
+    not_attempted: list[tuple[int, int, str]] = []
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="archeio-open-loop-")))
         bucket_port, port, nginx_port = free_port(), free_port(), free_port()
-        stack.enter_context(start_bucket(bucket_port, "--missing-share", "0.05", cpus=load_cpus,
-                                         log=tmp / "bucket.log"))
+        bucket = stack.enter_context(start_bucket(bucket_port, "--missing-share", "0.05", cpus=load_cpus,
+                                                  log=tmp / "bucket.log"))
         env = local_mirrors_env(tmp, bucket_port)
-        env.update({"ARCHEIO_RANGES_DIR": str(ranges or ""), "ARCHEIO_LOG_LEVEL": "warning",
-                    "BENCH_MISSING_SHARE": "0.05", **engine_settings(args.http)})
+        env.update({**EMBEDDED_RANGES, "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": "0.05",
+                    **engine_settings(args.http)})
         archeio_mix, nginx_mix, locations = write_mix(env, tmp, MIX_REQUESTS, seed=1)
         server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
         targets = [Target("archeio", port, server.pid, archeio_mix, locations)]
@@ -393,27 +548,29 @@ def main(argv: list[str] | None = None) -> int:
                                                     server_cpus))
             targets.append(Target("nginx", nginx_port, nginx.pid, nginx_mix, None))
         # Fill the existence cache and warm every code path before measuring.
-        run_wrk2(generator, targets[0], 5000, 5)
+        if wrk2:
+            run_wrk(generator, targets[0], 5000, 5)
+        else:
+            run_wrk(generator, targets[0], SATURATING_RATE, 5)
         capacity = measure_capacity(generator, targets, args.capacity_rounds, args.capacity_seconds, print)
-        for share in shares:
-            rate = max(1, round(capacity["archeio"]["rps"] * share / 100))
-            for target in targets:
-                step = run_wrk2(generator, target, rate, args.seconds + calibration)
-                step["share"] = share
-                steps.append(step)
-                print(f"  {target.name:<8} {share}% = {rate:>6} req/s: achieved {step['achieved_rps']:.0f}, p50 "
-                      f"{step['p50_ms']} ms, p99 {step['p99_ms']} ms, p99.9 {step['p999_ms']} ms (uncorrected p99 "
-                      f"{step['uncorrected_p99_ms']} ms), server {step['server_cpu_us_per_request']} us/req, "
-                      f"wrk2 CPU {step['generator_cpu_share']}"
-                      + ("" if step["driven"] else "  <- wrk2 could not drive this rate")
-                      + (f"  problems: {step['problems']}" if step["problems"] else ""))
+        if wrk2:
+            steps = drive_open_loop(generator, targets, capacity, shares, args.seconds)
+        else:
+            pacing = Pacing(env, args.user_rate, args.warmup, tmp / "locust")
+            rigs = {t.name: Rig(t.port, t.pid, bucket_port, bucket.pid, load_cpus) for t in targets}
+            steps, not_attempted = drive_paced(pacing, targets, rigs, capacity, shares, args.seconds)
 
     result: dict[str, Any] = {
-        "machine": info, "layout": layout, "engine": args.http, "ranges": str(ranges or "embedded"),
-        "generator": f"wrk2 -t{args.threads} -c{args.connections}", "wrk2": wrk2, "mix_requests": MIX_REQUESTS,
-        "seconds": args.seconds, "calibration_seconds": calibration, "capacity": capacity, "steps": steps,
-        "floors": floors(steps, capacity),
+        "machine": info, "layout": layout, "engine": args.http, "ranges": "embedded", "mode": mode,
+        "generator": (f"wrk2 -t{args.threads} -c{args.connections} (wrk2_mix.lua)" if wrk2 else
+                      f"Locust's paced users at {args.user_rate:g} req/s each (locustfile.py); capacity: wrk "
+                      f"-t{args.threads} -c{args.connections} (wrk2_mix.lua)"),
+        "wrk2": wrk2, "mix_requests": MIX_REQUESTS, "seconds": args.seconds,
+        "calibration_seconds": calibration_seconds(args.connections, args.threads) if wrk2 else None,
+        "user_rate": None if wrk2 else args.user_rate, "warmup": None if wrk2 else args.warmup,
+        "capacity": capacity, "steps": steps, "not_attempted": not_attempted,
     }
+    result["floors"] = floors(result)
     write_results(args.results, result)
     print(render_markdown(result))
     return 0

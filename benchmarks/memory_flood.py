@@ -37,6 +37,7 @@ from typing import Any
 
 from fault_injection import mirror_heads, start_mirror
 from harness import (
+    EMBEDDED_RANGES,
     LOOPBACK,
     RESULTS,
     append_history,
@@ -44,7 +45,6 @@ from harness import (
     free_port,
     machine,
     machine_line,
-    shared_ranges_dir,
     start_archeio,
     write_mirrors_file,
 )
@@ -135,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             "ARCHEIO_MIRRORS_FILE": str(write_mirrors_file(tmp / "mirrors.toml", {"AWS": {"eu-west-3": f"{base}/eu"}})),
             "ARCHEIO_CACHE_SIZE": str(args.cache_size),
             "ARCHEIO_CACHE_HIT_TTL": "86400", "ARCHEIO_CACHE_MISS_TTL": "86400",
-            "ARCHEIO_ADMIN_PORT": str(admin_port), "ARCHEIO_ADMIN_HOST": LOOPBACK,
+            "ARCHEIO_ADMIN_PORT": str(admin_port), "ARCHEIO_ADMIN_HOST": LOOPBACK, **EMBEDDED_RANGES,
         }
-        if shared_ranges_dir():
-            env["ARCHEIO_RANGES_DIR"] = str(shared_ranges_dir())
         with start_mirror(mirror_port, generator_cpus, tmp / "mirror.log", missing_share=0.5), \
                 start_archeio(env, port, server_cpus, tmp / "archeio.log") as server:
             if generator_cpus:

@@ -28,6 +28,25 @@ a whole core, which does not flatter us when wrk itself is the limit.
 With two CPUs, the servers run on CPU 0 and wrk (and the idle stand-in
 bucket) on CPU 1.
 
+`--close` runs every target a second time with `Connection: close` on
+every request (wrk `-H 'Connection: close'`: a new connection a request,
+and the server's closing of it), reported separately as `<target>
+(close)`, its ratios to nginx in the same mode.
+
+Optional references, each a target of its own (its rows appear only when
+it runs), pinned like the servers:
+
+- `--bare-aiohttp`: aiohttp's bare `web.Server` on uvloop answering a
+  fixed 307 (bare_aiohttp.py): the ceiling of the aiohttp engine, whose
+  ratio to it is reported per round beside the nginx ratio;
+- `--go PATH` (or `$ARCHEIO_GO`): the Go original (upstream's
+  `cmd/archeio`, built by the user) on the manifest and unknown-client
+  blob paths, its `DEFAULT_AWS_BASE_URL` on the stand-in bucket. It has
+  no AWS-client blob target: its regional mirrors are built-in S3 URLs.
+
+`--tree PATH` serves another checkout's archeio (the code before a
+change) with this environment's interpreter and dependencies.
+
 `--scaling` measures the blob hot path with 1 and 2 worker processes
 (`archeio serve --workers N`), unpinned, and compares CPU time per
 request summed over the workers.
@@ -42,6 +61,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import shutil
 import statistics
@@ -50,28 +70,32 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness import (
+    BENCHMARKS,
     DEFAULT_ENGINE,
+    EMBEDDED_RANGES,
     LOOPBACK,
     RESULTS,
+    add_tree_argument,
     append_history,
     can_pin,
     cpu_seconds,
     engine_problem,
     engine_settings,
+    find_executable,
     floors_table,
     free_port,
     machine,
     machine_line,
     pinned,
-    shared_ranges_dir,
     start_archeio,
     start_bucket,
     start_nginx,
+    start_serving,
     write_mirrors_file,
 )
 
@@ -90,18 +114,38 @@ SERVER_CPUS = "0"
 LOAD_CPUS = "1"
 
 
+CLOSE = " (close)"  # the name's suffix of a target measured with `Connection: close`
+BARE = "bare-aiohttp"
+
+
 @dataclass
 class Target:
     """One URL under load, on one server process."""
 
     name: str
     server: str
-    engine: str | None  # the archeio HTTP engine; None for nginx
+    engine: str | None  # the archeio HTTP engine; None for nginx and the other references
     port: int
     path: str
     forwarded: str
     expected_location: str | None  # checked before and after the load
     pid: int
+    close: bool = False  # every request with `Connection: close`
+    nginx: str | None = None  # the target whose same-round req/s the ratio is taken to
+    bare: str | None = None  # the bare aiohttp target, when measured
+
+
+@dataclass
+class Rig:
+    """The stand-in bucket and the settings that point the mirrors at it."""
+
+    env: dict[str, str]
+    mirror: str  # the eu-west-3 mirror, holding the blob
+    default_mirror: str  # DEFAULT_AWS_BASE_URL, the same bucket
+
+    @property
+    def in_mirror(self) -> str:
+        return f"{self.mirror}/containers/images/{DIGEST}"
 
 
 @dataclass
@@ -119,6 +163,7 @@ class Run:
     cpu_seconds: float
     cpu_us_per_request: float
     ratio_to_nginx: float | None = None
+    ratio_to_bare: float | None = None
 
 
 # -- wrk -----------------------------------------------------------------
@@ -152,9 +197,10 @@ def parse_wrk(output: str) -> dict[str, float]:
 
 
 def wrk(target: Target, seconds: float, connections: int, cpus: str | None) -> dict[str, float]:
+    close = ["-H", "Connection: close"] if target.close else []
     command = pinned(cpus, [
         "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
-        "-H", f"X-Forwarded-For: {target.forwarded}",
+        "-H", f"X-Forwarded-For: {target.forwarded}", *close,
         f"http://{LOOPBACK}:{target.port}{target.path}",
     ])
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -174,11 +220,11 @@ def measure(target: Target, round_: int, seconds: float, connections: int, cpus:
     )
 
 
-def check_redirect(target: Target) -> None:
+def check_redirect(target: Target, timeout: float = 5.0) -> None:
     """The target answers what it should: a 307 to exactly the expected Location."""
     import http.client
 
-    conn = http.client.HTTPConnection(LOOPBACK, target.port, timeout=5)
+    conn = http.client.HTTPConnection(LOOPBACK, target.port, timeout=timeout)
     try:
         conn.request("GET", target.path, headers={"X-Forwarded-For": target.forwarded})
         response = conn.getresponse()
@@ -192,49 +238,63 @@ def check_redirect(target: Target) -> None:
 
 # -- the run -------------------------------------------------------------
 
-def summarise(runs: Sequence[Run], targets: Sequence[Target], baseline: str | None) -> list[dict[str, Any]]:
+def _median_range(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
+    if not values:
+        return None, None, None
+    return round(statistics.median(values), 3), round(min(values), 3), round(max(values), 3)
+
+
+def summarise(runs: Sequence[Run], targets: Sequence[Target]) -> list[dict[str, Any]]:
     """Median figures per target over the rounds."""
     rows: list[dict[str, Any]] = []
-    for name in [t.name for t in targets]:
-        mine = [r for r in runs if r.target == name]
-        ratios = [r.ratio_to_nginx for r in mine if r.ratio_to_nginx is not None]
+    for target in targets:
+        mine = [r for r in runs if r.target == target.name]
+        ratio, ratio_min, ratio_max = _median_range([r.ratio_to_nginx for r in mine if r.ratio_to_nginx])
+        bare, bare_min, bare_max = _median_range([r.ratio_to_bare for r in mine if r.ratio_to_bare])
         rows.append({
-            "target": name,
+            "target": target.name,
             "server": mine[0].server,
-            "engine": next((t.engine for t in targets if t.name == name), None),
+            "engine": target.engine,
+            "connection": "close" if target.close else "keep-alive",
             "rounds": len(mine),
             "rps": round(statistics.median(r.rps for r in mine)),
             "p99_ms": round(statistics.median(r.p99_ms for r in mine), 2),
             "cpu_us_per_request": round(statistics.median(r.cpu_us_per_request for r in mine), 2),
-            "ratio_to_nginx": round(statistics.median(ratios), 3) if ratios else None,
-            "ratio_min": round(min(ratios), 3) if ratios else None,
-            "ratio_max": round(max(ratios), 3) if ratios else None,
+            "ratio_to_nginx": ratio, "ratio_min": ratio_min, "ratio_max": ratio_max,
+            "ratio_to_bare_aiohttp": bare, "bare_ratio_min": bare_min, "bare_ratio_max": bare_max,
             "bad_responses": sum(r.bad_responses for r in mine),
             "socket_errors": sum(r.socket_errors for r in mine),
         })
-    base = next((row for row in rows if row["target"] == baseline), None)
-    for row in rows:
+    by_name = {row["target"]: row for row in rows}
+    for target, row in zip(targets, rows, strict=True):
         # nginx's CPU per request over ours: throughput relative to nginx if
         # both had a whole core, whatever wrk or the neighbours allowed.
+        reference = target.nginx or (target.name if target.server == "nginx" else None)
+        base = by_name.get(reference) if reference else None
         row["cpu_ratio_to_nginx"] = (round(base["cpu_us_per_request"] / row["cpu_us_per_request"], 3)
                                      if base and row["cpu_us_per_request"] else None)
     return rows
 
 
 def alternate(targets: Sequence[Target], rounds: int, seconds: int, connections: int,
-              cpus: str | None, baseline: str | None, log: Callable[[str], None]) -> Iterator[Run]:
-    """Each round runs every target once; ratios use the same round's baseline run."""
+              cpus: str | None, log: Callable[[str], None]) -> Iterator[Run]:
+    """Each round runs every target once; ratios use the same round's runs of its references.
+
+    References (nginx, the bare aiohttp server) come first in `targets`.
+    """
     for round_ in range(1, rounds + 1):
-        base_rps = None
+        round_rps: dict[str, float] = {}
         for target in targets:
             run = measure(target, round_, seconds, connections, cpus)
-            if target.name == baseline:
-                base_rps = run.rps
-            elif base_rps:
-                run.ratio_to_nginx = round(run.rps / base_rps, 3)
+            round_rps[target.name] = run.rps
+            if target.nginx in round_rps:
+                run.ratio_to_nginx = round(run.rps / round_rps[target.nginx], 3)
+            if target.bare in round_rps:
+                run.ratio_to_bare = round(run.rps / round_rps[target.bare], 3)
             ratio = f"  {run.ratio_to_nginx:.3f} of nginx" if run.ratio_to_nginx else ""
-            log(f"  round {round_} {target.name:<18} {run.rps:>9.0f} req/s  p99 {run.p99_ms:6.2f} ms  "
-                f"cpu {run.cpu_us_per_request:6.1f} us/req{ratio}")
+            bare = f"  {run.ratio_to_bare:.3f} of bare aiohttp" if run.ratio_to_bare else ""
+            log(f"  round {round_} {target.name:<26} {run.rps:>9.0f} req/s  p99 {run.p99_ms:6.2f} ms  "
+                f"cpu {run.cpu_us_per_request:6.1f} us/req{ratio}{bare}")
             yield run
 
 
@@ -255,6 +315,58 @@ def archeio_targets(engine: str, label: str, port: int, pid: int, mirror: str, d
     ]
 
 
+def start_rig(stack: ExitStack, tmp: Path, cpus: str | None) -> Rig:
+    """The stand-in bucket holding every blob, the eu-west-3 mirror and the default on it."""
+    bucket_port = free_port()
+    stack.enter_context(start_bucket(bucket_port, "--all-present", cpus=cpus, log=tmp / "bucket.log"))
+    mirror, default_mirror = f"http://{LOOPBACK}:{bucket_port}/bucket", f"http://{LOOPBACK}:{bucket_port}/cdn"
+    mirrors_file = write_mirrors_file(tmp / "mirrors.toml", {"AWS": {"eu-west-3": mirror}})
+    env = {"ARCHEIO_MIRRORS_FILE": str(mirrors_file), "DEFAULT_AWS_BASE_URL": default_mirror,
+           "ARCHEIO_LOG_LEVEL": "warning", **EMBEDDED_RANGES}
+    return Rig(env, mirror, default_mirror)
+
+
+def start_bare_aiohttp(stack: ExitStack, tmp: Path, location: str, cpus: str | None) -> Target:
+    """bare_aiohttp.py: aiohttp's `web.Server` answering a fixed 307, the aiohttp engine's ceiling."""
+    port = free_port()
+    command = [sys.executable, str(BENCHMARKS / "bare_aiohttp.py"), "--port", str(port), "--location", location]
+    server = stack.enter_context(start_serving(BARE, pinned(cpus, command), port, log=tmp / "bare-aiohttp.log"))
+    return Target(BARE, "aiohttp web.Server, fixed 307", None, port, BLOB_PATH, AWS_CLIENT, location, server.pid)
+
+
+def start_go(stack: ExitStack, tmp: Path, binary: str, rig: Rig, cpus: str | None) -> list[Target]:
+    """The Go original on the manifest and unknown-client blob paths, its default mirror on the bucket.
+
+    It binds the port given in $PORT; a build of upstream listens on every
+    address (`:PORT`), so build it to bind loopback (benchmarks/README.md).
+    """
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "DEFAULT_AWS_BASE_URL": rig.default_mirror}
+    server = stack.enter_context(start_serving("Go original", pinned(cpus, [binary]), port, env,
+                                               log=tmp / "archeio-go.log"))
+    name = "archeio (Go original)"
+    return [
+        Target("manifest [go]", name, None, port, MANIFEST_PATH, AWS_CLIENT, f"{UPSTREAM}/pause/manifests/3.10",
+               server.pid),
+        Target("blob-unknown [go]", name, None, port, BLOB_PATH, UNKNOWN_CLIENT,
+               f"{rig.default_mirror}/containers/images/{DIGEST}", server.pid),
+    ]
+
+
+def with_references(targets: Sequence[Target], close: bool) -> list[Target]:
+    """The targets in one connection mode, each told its nginx and bare aiohttp references."""
+    suffix = CLOSE if close else ""
+    names = {t.name for t in targets}
+    bare = BARE + suffix if BARE in names else None
+    found = []
+    for target in targets:
+        reference = target.name in ("nginx", BARE)
+        found.append(replace(target, name=target.name + suffix, close=close,
+                             nginx=None if target.name == "nginx" else "nginx" + suffix,
+                             bare=None if reference else bare))
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -266,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
                         "the first is the one the floors bind (default: the server's default)")
     parser.add_argument("--scaling", action="store_true", help="also measure 1 and 2 worker processes")
     parser.add_argument("--scaling-rounds", type=int, default=6, help="rounds of the scaling runs (default 6)")
+    parser.add_argument("--close", action="store_true",
+                        help="also measure every target with `Connection: close` on every request")
+    parser.add_argument("--bare-aiohttp", action="store_true",
+                        help="also measure aiohttp's bare web.Server answering a fixed 307 (bare_aiohttp.py)")
+    parser.add_argument("--go", metavar="PATH",
+                        help="also measure the Go original, this binary (default: $ARCHEIO_GO when set)")
+    add_tree_argument(parser)
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk to separate CPUs")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
@@ -274,57 +393,65 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("wrk"):
         print("benchmarks/throughput: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    if problem := engine_problem(engines):
+    if problem := engine_problem(engines, args.tree):
         print(f"benchmarks/throughput: {problem}", file=sys.stderr)
+        return 2
+    go = find_executable(args.go, "ARCHEIO_GO")
+    if (args.go or os.environ.get("ARCHEIO_GO")) and not go:
+        print(f"benchmarks/throughput: the Go original {args.go or os.environ['ARCHEIO_GO']!r} is not an "
+              "executable file", file=sys.stderr)
         return 2
     pin = can_pin() and not args.no_pin
     server_cpus, load_cpus = (SERVER_CPUS, LOAD_CPUS) if pin else (None, None)
     layout = (f"servers pinned to CPU {SERVER_CPUS}, wrk and the stand-in bucket to CPU {LOAD_CPUS} (taskset)"
               if pin else "not pinned")
-    info = machine()
+    info = machine(args.tree)
     print(f"machine: {machine_line(info)}")
     print(f"layout: {layout}")
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s --latency, {args.rounds} rounds, alternating; "
-          f"engines: {', '.join(engines)}")
+          f"engines: {', '.join(engines)}" + ("; keep-alive, then Connection: close" if args.close else ""))
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="archeio-throughput-")))
-        bucket_port = free_port()
-        stack.enter_context(start_bucket(bucket_port, "--all-present", cpus=load_cpus,
-                                         log=tmp / "bucket.log"))
-        mirror, default_mirror = f"http://{LOOPBACK}:{bucket_port}/bucket", f"http://{LOOPBACK}:{bucket_port}/cdn"
-        mirrors_file = write_mirrors_file(tmp / "mirrors.toml", {"AWS": {"eu-west-3": mirror}})
-        env = {"ARCHEIO_MIRRORS_FILE": str(mirrors_file), "DEFAULT_AWS_BASE_URL": default_mirror,
-               "ARCHEIO_LOG_LEVEL": "warning", "ARCHEIO_RANGES_DIR": str(shared_ranges_dir() or "")}
-        in_mirror = f"{mirror}/containers/images/{DIGEST}"
-
+        rig = start_rig(stack, tmp, load_cpus)
         nginx_port = free_port()
-        nginx = stack.enter_context(start_nginx(tmp, nginx_port, in_mirror, server_cpus))
-        targets = [Target("nginx", "nginx", None, nginx_port, BLOB_PATH, AWS_CLIENT, in_mirror, nginx.pid)]
+        nginx = stack.enter_context(start_nginx(tmp, nginx_port, rig.in_mirror, server_cpus))
+        targets = [Target("nginx", "nginx", None, nginx_port, BLOB_PATH, AWS_CLIENT, rig.in_mirror, nginx.pid)]
+        if args.bare_aiohttp:
+            targets.append(start_bare_aiohttp(stack, tmp, rig.in_mirror, server_cpus))
+        if go:
+            targets += start_go(stack, tmp, go, rig, server_cpus)
         for i, engine in enumerate(engines):
             port = free_port()
-            server = stack.enter_context(start_archeio({**env, **engine_settings(engine)}, port, server_cpus,
-                                                       log=tmp / f"archeio-{engine}.log"))
-            targets += archeio_targets(engine, engine_label(engine, i == 0), port, server.pid, mirror,
-                                       default_mirror)
+            server = stack.enter_context(start_archeio({**rig.env, **engine_settings(engine)}, port, server_cpus,
+                                                       log=tmp / f"archeio-{engine}.log", tree=args.tree))
+            targets += archeio_targets(engine, engine_label(engine, i == 0), port, server.pid, rig.mirror,
+                                       rig.default_mirror)
+        targets = with_references(targets, close=False) + (with_references(targets, close=True)
+                                                           if args.close else [])
         # The first blob request makes the HEAD that warms the cache; a short
         # wrk run per target warms connections and code paths before measuring.
         for target in targets:
             check_redirect(target)
             wrk(target, 1, args.connections, load_cpus)
-        runs = list(alternate(targets, args.rounds, args.seconds, args.connections, load_cpus, "nginx",
-                              print))
+        # Each mode's rounds alternate its own targets: a ratio compares runs
+        # seconds apart, never a keep-alive run with a close one.
+        runs = [run for close in (False, True) for run in
+                alternate([t for t in targets if t.close == close], args.rounds, args.seconds, args.connections,
+                          load_cpus, print)]
         for target in targets:
             check_redirect(target)  # still the same answer after the load
-        scaling = measure_scaling(env, tmp, in_mirror, args, engines[0], print) if args.scaling else None
+        scaling = (measure_scaling(rig.env, tmp, rig.in_mirror, args, engines[0], print)
+                   if args.scaling else None)
 
-    summary = summarise(runs, targets, "nginx")
+    summary = summarise(runs, targets)
     result: dict[str, Any] = {
         "machine": info,
         "layout": layout,
         "wrk": f"-t1 -c{args.connections} -d{args.seconds}s --latency",
         "rounds": args.rounds,
         "engines": engines,
+        "tree": str(args.tree.resolve()) if args.tree else None,
         "summary": summary,
         "scaling": scaling,
         "floors": floors(summary, scaling),
@@ -349,11 +476,14 @@ def history_row(result: dict[str, Any]) -> dict[str, object]:
     for row in result["summary"]:
         if row["target"] == "nginx":
             continue
-        key = row["target"].replace("-", "_").replace(" [", "_").rstrip("]")
+        # "blob-aws [aiohttp] (close)" -> blob_aws_aiohttp_close
+        key = re.sub(r"[^a-z0-9]+", "_", row["target"]).strip("_")
         found[f"{key}_ratio"] = row["ratio_to_nginx"]
         found[f"{key}_ratio_range"] = f"{row['ratio_min']}-{row['ratio_max']}"
         found[f"{key}_cpu_ratio"] = row["cpu_ratio_to_nginx"]
         found[f"{key}_cpu_us"] = row["cpu_us_per_request"]
+        if row.get("ratio_to_bare_aiohttp") is not None:
+            found[f"{key}_bare_ratio"] = row["ratio_to_bare_aiohttp"]
     found["scaling_cpu_ratio"] = scaling["cpu_per_request_ratio_2_to_1"] if scaling else None
     return found
 
@@ -369,15 +499,15 @@ def measure_scaling(env: dict[str, str], tmp: Path, in_mirror: str, args: argpar
         for workers in (1, 2):
             port = free_port()
             server = stack.enter_context(start_archeio({**env, "ARCHEIO_WORKERS": str(workers)}, port,
-                                                       log=tmp / f"archeio-{workers}w.log"))
+                                                       log=tmp / f"archeio-{workers}w.log", tree=args.tree))
             targets.append(Target(f"{workers} worker{'s' * (workers > 1)}", f"archeio --workers {workers}",
                                   engine, port, BLOB_PATH, AWS_CLIENT, in_mirror, server.pid))
         for target in targets:
             check_redirect(target)
             # Each worker keeps its own cache: the warm-up run reaches them all.
             wrk(target, 1, args.connections, None)
-        runs = list(alternate(targets, args.scaling_rounds, args.seconds, args.connections, None, None, log))
-    one, two = summarise(runs, targets, None)
+        runs = list(alternate(targets, args.scaling_rounds, args.seconds, args.connections, None, log))
+    one, two = summarise(runs, targets)
     # Each round's 2-worker figure over the same round's 1-worker one: the
     # neighbours' load changes between rounds more than within one.
     ratios = sorted(b.cpu_us_per_request / a.cpu_us_per_request for a, b in zip(runs[::2], runs[1::2], strict=True))
@@ -414,18 +544,26 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Layout: {result['layout']}. wrk {result['wrk']}, {result['rounds']} rounds, targets alternating; "
         "figures are medians over the rounds, ratios are to the nginx run of the same round. "
         "CPU ratio: nginx's CPU time per request divided by the target's (throughput relative "
-        "to nginx if each had a whole core to itself).",
+        "to nginx if each had a whole core to itself). Targets named `(close)` sent `Connection: close` "
+        "on every request (a new connection each); their ratios are to `nginx (close)`.",
         "",
-        "| target | server | req/s | ratio of nginx (min-max) | p99 ms | server CPU us/request | "
-        "CPU ratio (nginx's CPU per request / ours) | per-core capacity req/s | bad responses |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    # The bare aiohttp column only when that server was measured.
+    bare = any(row.get("ratio_to_bare_aiohttp") is not None for row in result["summary"])
+    lines += [
+        "| target | server | req/s | ratio of nginx (min-max) | " + ("ratio of bare aiohttp (min-max) | " * bare)
+        + "p99 ms | server CPU us/request | CPU ratio (nginx's CPU per request / ours) | per-core capacity req/s | "
+        "bad responses |",
+        "| --- | --- | ---: | ---: | " + "---: | " * bare + "---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["summary"]:
         ratio = ("1" if row["ratio_to_nginx"] is None
                  else f"{row['ratio_to_nginx']} ({row['ratio_min']}-{row['ratio_max']})")
+        of_bare = ("-" if row.get("ratio_to_bare_aiohttp") is None else
+                   f"{row['ratio_to_bare_aiohttp']} ({row['bare_ratio_min']}-{row['bare_ratio_max']})")
         cpu = row["cpu_us_per_request"]
-        lines.append(f"| {row['target']} | {row['server']} | {row['rps']} | {ratio} | {row['p99_ms']} | "
-                     f"{cpu} | "
+        lines.append(f"| {row['target']} | {row['server']} | {row['rps']} | {ratio} | "
+                     + f"{of_bare} | " * bare + f"{row['p99_ms']} | {cpu} | "
                      f"{row['cpu_ratio_to_nginx']} | {round(1e6 / cpu) if cpu else '-'} | "
                      f"{row['bad_responses'] + row['socket_errors']} |")
     scaling = result["scaling"]

@@ -6,7 +6,9 @@ for both when the address is in no provider's range), or JSON lines with
 then 2. `iprange info` prints each provider's prefix count and data date.
 `iprange update --dest DIR` downloads the providers' feeds into DIR
 (validated, atomically; see update.py): exit status 1 if any feed failed,
-its old file then kept.
+its old file then kept. `iprange export --dest DIR [CLOUD...]` writes the
+embedded data as the providers' files, for a directory without internet
+access (see export.py for why their serials are the lowest possible).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from .export import CLOUDS, export
 from .index import InvalidAddress
 from .load import describe, load_index
 from .parse import AWS, AZURE, GCP, RangeFileError
@@ -53,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-loss", type=float, default=0.2,
         help="refuse a feed with fewer than (1 - this share) of the prefixes already there",
     )
+    exporter = commands.add_parser(
+        "export", help="write the embedded data as the providers' files (only files not already there)",
+    )
+    exporter.add_argument("--dest", type=Path, required=True, help="directory to write")
+    exporter.add_argument("clouds", nargs="*", metavar="CLOUD", help=f"{', '.join(CLOUDS)} (default: all three)")
     return parser
 
 
@@ -76,10 +84,30 @@ def _update(args: argparse.Namespace) -> int:
     return status
 
 
+def _export(args: argparse.Namespace) -> int:
+    unknown = [cloud for cloud in args.clouds if cloud not in CLOUDS]
+    if unknown:
+        print(f"iprange export: unknown cloud {unknown[0]!r} (known: {', '.join(CLOUDS)})", file=sys.stderr)
+        return 2
+    if not args.dest.is_dir():
+        print(f"iprange export: {args.dest}: no such directory", file=sys.stderr)
+        return 2
+    try:
+        done = export(args.dest, args.clouds or CLOUDS)
+    except (RangeFileError, OSError) as exc:
+        print(f"iprange export: {exc}", file=sys.stderr)
+        return 1
+    for result in done:
+        print(f"{result.cloud}: {result.message}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "update":
         return _update(args)
+    if args.command == "export":
+        return _export(args)
     try:
         index = load_index(Path(args.ranges_dir) if args.ranges_dir else None)
     except RangeFileError as exc:

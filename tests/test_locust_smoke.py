@@ -45,7 +45,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("locust-smoke")
     bucket_port, port = harness.free_port(), harness.free_port()
     env = harness.local_mirrors_env(tmp, bucket_port)
-    env["ARCHEIO_RANGES_DIR"] = str(harness.shared_ranges_dir() or "")
+    env["ARCHEIO_RANGES_DIR"] = ""  # the embedded data, for the server and the mix alike
     env.update({"ARCHEIO_LOG_LEVEL": "warning", "ARCHEIO_ACCESS_LOG": "1", "BENCH_MISSING_SHARE": MISSING_SHARE,
                 "BENCH_USER_RATE": "20",
                 # A HEAD that times out on a loaded machine would (rightly) send the

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, ranges_dir
+from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD
 from .ops_support import (
     BLOB,
     LOAD_BALANCER,
@@ -44,7 +44,6 @@ def access_entries(engine: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "ARCHEIO_ACCESS_LOG": "1",
             "ARCHEIO_TRACE_PROJECT": PROJECT,
             "ARCHEIO_MIRRORS_FILE": str(write_mirrors(tmp / "mirrors.toml", {"eu-west-3": bucket.base("p")})),
-            "ARCHEIO_RANGES_DIR": str(ranges_dir() or ""),
         }
         with ArcheioProcess(tmp / "stderr.log", **env) as server:
             traced = {**xff(AWS_EU_WEST_3), "X-Cloud-Trace-Context": f"{TRACE_ID}/1;o=1"}
@@ -104,7 +103,7 @@ def test_local_answers_are_logged_with_their_status(access_entries: list[dict[st
 
 def test_event_lines_are_json_too(tmp_path: Path) -> None:
     # Start-up and shutdown lines of a plain server: JSON objects with a severity.
-    server = ArcheioProcess(tmp_path / "stderr.log", ARCHEIO_RANGES_DIR=str(ranges_dir() or ""))
+    server = ArcheioProcess(tmp_path / "stderr.log")
     with server:
         pass
     entries = server.log_entries()

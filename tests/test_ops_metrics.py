@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from archeio.metrics import CHECK_BUCKETS, Snapshot, render, retire
 
-from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY, ranges_dir
+from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY
 from .ops_support import (
     MISSING_BLOB,
     ArcheioProcess,
@@ -121,7 +121,6 @@ def two_workers(
         "ARCHEIO_WORKERS": "2",
         "ARCHEIO_MIRRORS_FILE": str(mirrors),
         "DEFAULT_AWS_BASE_URL": bucket.base("cdn"),
-        "ARCHEIO_RANGES_DIR": str(ranges_dir() or ""),
     }
     with ArcheioProcess(tmp / "stderr.log", **env) as server:
         yield server
@@ -200,8 +199,7 @@ def test_access_log_is_off_by_default(two_workers: ArcheioProcess) -> None:
 
 
 def test_admin_port_zero_turns_it_off(tmp_path: Path) -> None:
-    server = ArcheioProcess(tmp_path / "stderr.log", ARCHEIO_ADMIN_PORT="0",
-                            ARCHEIO_RANGES_DIR=str(ranges_dir() or ""))
+    server = ArcheioProcess(tmp_path / "stderr.log", ARCHEIO_ADMIN_PORT="0")
     try:
         server.start(admin=False)
         assert admin_get(server, "/healthz")[0] == 0  # nothing listens on the usual admin port
@@ -216,8 +214,7 @@ def test_admin_port_in_use_stops_start_up_naming_it(tmp_path: Path, workers: str
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = ArcheioProcess(tmp_path / "stderr.log", ARCHEIO_WORKERS=workers,
-                                ARCHEIO_RANGES_DIR=str(ranges_dir() or ""))
+        server = ArcheioProcess(tmp_path / "stderr.log", ARCHEIO_WORKERS=workers)
         server.env["ARCHEIO_ADMIN_PORT"] = str(port)
         result = subprocess.run([sys.executable, "-m", "archeio", "serve"], env=server.env,
                                 capture_output=True, text=True, timeout=60)

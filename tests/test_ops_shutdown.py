@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import AWS_EU_WEST_3, ranges_dir
+from .conftest import AWS_EU_WEST_3
 from .ops_support import (
     BLOB,
     ArcheioProcess,
@@ -48,7 +48,6 @@ def test_sigterm_drains_finishes_in_flight_and_exits_0(tmp_path: Path, workers: 
         env = {
             "ARCHEIO_WORKERS": str(workers),
             "ARCHEIO_MIRRORS_FILE": str(write_mirrors(tmp_path / "m.toml", {"eu-west-3": bucket.base("p")})),
-            "ARCHEIO_RANGES_DIR": str(ranges_dir() or ""),
             # Long enough to observe the drain on a busy machine; the test
             # does not wait it out idly, it polls for its end.
             "ARCHEIO_DRAIN_DELAY": "5",

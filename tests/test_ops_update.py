@@ -1,8 +1,8 @@
 """`iprange update`: feeds from a local HTTP server, validated, written atomically.
 
-The feeds are the real published files in ../shared/ranges (or small
-documents in their formats where that folder is absent), served by a real
-HTTP server on loopback; the command runs as a user runs it.
+The feeds are the small files of tests/data/ranges, in the providers' own
+formats, served by a real HTTP server on loopback; the command runs as a
+user runs it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 
 from iprange.update import write_atomically
 
-from .conftest import AWS_EU_WEST_3, free_port
+from .conftest import AWS_EU_WEST_3, AZURE_CANADACENTRAL, free_port
 from .ops_support import azure_document, moved_region, range_documents
 
 AWS_FILE, GCP_FILE, AZURE_FILE = "aws-ip-ranges.json", "gcp-cloud.json", "azure-service-tags.json"
@@ -84,8 +84,8 @@ def test_azure_is_fetched_only_when_its_url_is_given(tmp_path: Path, feeds: tupl
     result = update(dest, base, "--azure-url", f"{base}/ServiceTags_Public.json")
     assert result.returncode == 0, result.stderr
     assert (dest / AZURE_FILE).is_file()
-    lookup = iprange("--ranges-dir", str(dest), "lookup", "20.50.1.1")
-    assert lookup.stdout.split() == ["20.50.1.1", "Azure", "westeurope"]
+    lookup = iprange("--ranges-dir", str(dest), "lookup", AZURE_CANADACENTRAL)
+    assert lookup.stdout.split() == [AZURE_CANADACENTRAL, "Azure", "canadacentral"]
 
 
 def test_offline_fails_clearly_and_keeps_the_old_files(tmp_path: Path, feeds: tuple[str, Path]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ranges_dir
+from .conftest import RANGES_FIXTURES
 from .ops_support import ArcheioProcess, http_get, scrape, total, wait_for
 
 # Every test here runs on each HTTP engine (tests/engines.py).
@@ -31,7 +31,7 @@ def _worker_pids(server: ArcheioProcess) -> list[int]:
 
 
 def test_killed_worker_is_restarted_and_its_counts_are_kept(tmp_path: Path) -> None:
-    env = {"ARCHEIO_WORKERS": "2", "ARCHEIO_RANGES_DIR": str(ranges_dir() or "")}
+    env = {"ARCHEIO_WORKERS": "2"}
     with ArcheioProcess(tmp_path / "stderr.log", **env) as server:
         for _ in range(20):
             assert http_get(f"{server.url}/v2/")[0] == 200
@@ -79,8 +79,9 @@ def _catches(pid: int, sig: int) -> bool:
 def test_sighup_at_every_moment_of_start_up_kills_nothing_and_is_acted_on(tmp_path: Path) -> None:
     # SIGHUP every few milliseconds, to the supervisor from the moment it
     # handles the signal at all, and to each worker from the moment it
-    # exists, until both workers are ready, and a while after.
-    env = {"ARCHEIO_WORKERS": "2", "ARCHEIO_RANGES_DIR": str(ranges_dir() or "")}
+    # exists, until both workers are ready, and a while after. A reload
+    # needs a directory to re-read: the small files of tests/data/ranges.
+    env = {"ARCHEIO_WORKERS": "2", "ARCHEIO_RANGES_DIR": str(RANGES_FIXTURES)}
     server = ArcheioProcess(tmp_path / "stderr.log", **env)
     server.process = subprocess.Popen(
         [sys.executable, "-m", "archeio", "serve"], env=server.env,

@@ -3,14 +3,16 @@
 Once per session: check that podman can run (failing with the missing step,
 never skipping), build the stand-in for the Dockerfile's base image
 (standin.py), then build deploy/Dockerfile as a user would, with three
-additions that change nothing in the Dockerfile (../shared/containers.md):
+additions that change nothing in the Dockerfile:
 
 - the host's CA bundle, and a pip.conf naming it, are mounted into every
   build step: outbound TLS here goes through an intercepting proxy whose CA
   a fresh container does not know;
-- the `ranges` stage fetches the range feeds from a loopback HTTP server
-  serving ../shared/ranges (its build arguments are meant for an internal
-  copy), and the build uses the host's network to reach it;
+- the `ranges` stage fetches the AWS and Google Cloud feeds from a loopback
+  HTTP server serving the small files of tests/data/ranges (its build
+  arguments are meant for an internal copy), and the build uses the host's
+  network to reach it; Azure's file is the embedded data's, as in every
+  build;
 - `--format docker`, without which podman drops the HEALTHCHECK.
 
 Everything lives in a podman storage of this session (podman.py), removed
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import SHARED_RANGES
+from ..conftest import RANGES_FIXTURES
 from ..integration.services import MissingTool
 from . import standin
 from .podman import Podman, PodmanHome, PodmanUnusable
@@ -62,16 +64,13 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
 
 @pytest.fixture(scope="session")
 def range_feeds() -> Iterator[str]:
-    """Base URL of a loopback HTTP server serving ../shared/ranges."""
-    if not SHARED_RANGES.is_dir():
-        pytest.fail(f"{SHARED_RANGES} is missing: the image's ranges stage fetches the feeds from it",
-                    pytrace=False)
+    """Base URL of a loopback HTTP server serving tests/data/ranges."""
 
     class Quiet(SimpleHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(SHARED_RANGES)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(RANGES_FIXTURES)))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

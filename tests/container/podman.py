@@ -1,7 +1,8 @@
 """podman for the container tests: a storage and configuration of their own, and its preflight.
 
-Every podman command here runs with two files written by `PodmanHome`
-(see ../shared/containers.md for why each line is needed on these machines):
+Every podman command here runs with two files written by `PodmanHome`,
+each line needed on machines like the team's (Debian bookworm as root in a
+sandbox, no Docker engine):
 
 - CONTAINERS_CONF: the runc runtime (crun refuses "cgroups in hybrid mode"
   here), and open-file and process ulimits no higher than this process's

@@ -4,8 +4,11 @@ Every container here runs hardened as the docs advise: read-only root with
 nothing writable at all (`--read-only-tmpfs=false`: no tmpfs on /tmp, as
 `docker run --read-only` gives), every capability dropped, as the image's
 own user (no --user), on the host's network with free loopback ports. The
-blob mirror is a loopback bucket (the DEFAULT_AWS_BASE_URL of an unknown
-client), so every Location below is exact.
+blob mirrors are a loopback bucket (the DEFAULT_AWS_BASE_URL of an unknown
+client, and Azure canadacentral's mirror in a mounted mirrors file), so
+every Location below is exact. The image's range data is its own, baked in
+at build time: AWS and Google Cloud from the build's feeds (here the small
+files of tests/data/ranges), Azure from the embedded data.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ..conftest import GOOGLE_CLOUD, NOBODY, free_port
+from ..conftest import AZURE_CANADACENTRAL, GOOGLE_CLOUD, NOBODY, free_port
 from ..deploy_support import REPO
 from ..ops_support import BLOB, MISSING_BLOB, REGISTRY_PATH, ThreadedBucket, http_get, xff
 from .podman import Container, Podman, podman_messages, running_container
@@ -42,11 +45,20 @@ def bucket() -> Iterator[ThreadedBucket]:
         yield running
 
 
+MIRRORS_IN_CONTAINER = "/etc/archeio/mirrors.toml"
+
+
 @pytest.fixture(scope="module")
-def server(podman: Podman, image: str, bucket: ThreadedBucket) -> Iterator[Container]:
+def server(podman: Podman, image: str, bucket: ThreadedBucket,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    mirrors = tmp_path_factory.mktemp("mirrors") / "mirrors.toml"
+    mirrors.write_text(f'[mirrors.Azure]\n"canadacentral" = "{bucket.base("azure-canadacentral")}"\n')
+    mirrors.chmod(0o644)  # read by the image's own user
     with running_container(
-        podman, image, unique("server"), port=free_port(), admin_port=free_port(), flags=HARDENED,
-        env={"DEFAULT_AWS_BASE_URL": bucket.base("cdn"), "UPSTREAM_REGISTRY_ENDPOINT": UPSTREAM},
+        podman, image, unique("server"), port=free_port(), admin_port=free_port(),
+        flags=(*HARDENED, "--volume", f"{mirrors}:{MIRRORS_IN_CONTAINER}:ro"),
+        env={"DEFAULT_AWS_BASE_URL": bucket.base("cdn"), "UPSTREAM_REGISTRY_ENDPOINT": UPSTREAM,
+             "ARCHEIO_MIRRORS_FILE": MIRRORS_IN_CONTAINER},
     ) as container:
         container.wait_ready()
         yield container
@@ -97,6 +109,19 @@ def test_blob_for_a_google_cloud_client_redirects_upstream_by_the_baked_in_range
     status, headers, _ = http_get(f"{server.url}/v2/pause/blobs/{BLOB}", headers=xff(GOOGLE_CLOUD))
     assert status == 307
     assert headers["Location"] == f"{UPSTREAM}/v2/{REGISTRY_PATH}/pause/blobs/{BLOB}"
+
+
+def test_blob_for_an_azure_client_goes_to_its_regions_mirror_by_the_baked_in_ranges(
+    server: Container, bucket: ThreadedBucket,
+) -> None:
+    status, headers, _ = http_get(f"{server.url}/v2/pause/blobs/{BLOB}", headers=xff(AZURE_CANADACENTRAL))
+    assert status == 307
+    assert headers["Location"] == f"{bucket.base('azure-canadacentral')}/containers/images/{BLOB}"
+
+
+def test_image_carries_the_ranges_of_all_three_providers(server: Container) -> None:
+    script = "import os; print(' '.join(sorted(os.listdir(os.environ['ARCHEIO_RANGES_DIR']))))"
+    assert in_image(server, script).split() == ["aws-ip-ranges.json", "azure-service-tags.json", "gcp-cloud.json"]
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

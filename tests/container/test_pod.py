@@ -28,7 +28,7 @@ import yaml
 from ..conftest import GOOGLE_CLOUD, free_port
 from ..deploy_support import OLDEST_MINOR, by_kind, container, env_of, kubectls, render
 from ..integration.services import MissingTool, wait_until
-from ..ops_support import BLOB, http_get, xff
+from ..ops_support import BLOB, http_get, scrape, total, xff
 from .podman import Container, Podman, podman_messages
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
@@ -90,6 +90,13 @@ def test_pod_serves_blob_redirects_from_the_seeded_ranges(pod: Container) -> Non
     assert headers["Location"] == f"https://us-central1-docker.pkg.dev/v2/k8s-artifacts-prod/images/pause/blobs/{BLOB}"
 
 
+def test_pod_loads_azure_from_the_seeded_ranges(pod: Container) -> None:
+    # Azure's file comes from the image (the embedded data): the sidecar
+    # fetches AWS and Google Cloud only, so it is what the server routes by.
+    samples = scrape(pod)  # type: ignore[arg-type]
+    assert total(samples, "archeio_ranges_prefixes", cloud="Azure") > 1000
+
+
 def test_ranges_sidecar_keeps_its_files_and_says_so_when_the_feeds_are_unreachable(
     podman: Podman, pod: Container,
 ) -> None:
@@ -99,7 +106,9 @@ def test_ranges_sidecar_keeps_its_files_and_says_so_when_the_feeds_are_unreachab
 
     said = wait_until(first_update, what="the sidecar's first update", timeout=120)
     assert "kept /ranges/aws-ip-ranges.json" in said and "kept /ranges/gcp-cloud.json" in said, said
-    same = pod.exec("python", "-c", "import filecmp, sys; names = ['aws-ip-ranges.json', 'gcp-cloud.json'];"
+    assert "azure" not in said.lower(), said  # no Azure URL given: its file is not the sidecar's business
+    names = "['aws-ip-ranges.json', 'azure-service-tags.json', 'gcp-cloud.json']"
+    same = pod.exec("python", "-c", f"import filecmp, sys; names = {names};"
                     "sys.exit(filecmp.cmpfiles('/ranges', '/app/ranges', names, shallow=False)[0] != names)")
     assert same.returncode == 0, podman_messages(same.stderr)
 

@@ -447,18 +447,12 @@ class Archeio:
     process: Process
 
 
-def ranges_dir() -> Path | None:
-    """The shared real range data beside the repository, if present (else: embedded data)."""
-    path = Path(__file__).resolve().parents[3] / "shared" / "ranges"
-    return path if path.is_dir() else None
-
-
 @contextlib.contextmanager
 def archeio_server(workdir: Path, settings: Mapping[str, str], name: str = "archeio") -> Iterator[Archeio]:
     """`archeio serve` with `settings` as environment variables.
 
     PORT, ARCHEIO_HOST and the admin port are chosen here (free loopback ports);
-    ARCHEIO_RANGES_DIR defaults to the shared range data when it exists.
+    the range data is the embedded default unless `settings` names a directory.
     """
     base = workdir / name
     base.mkdir(parents=True, exist_ok=True)
@@ -469,9 +463,6 @@ def archeio_server(workdir: Path, settings: Mapping[str, str], name: str = "arch
         "ARCHEIO_ADMIN_HOST": LOOPBACK, "ARCHEIO_ADMIN_PORT": str(admin_port),
         "ARCHEIO_ACCESS_LOG": "1",
     }
-    shared = ranges_dir()
-    if shared is not None:
-        env["ARCHEIO_RANGES_DIR"] = str(shared)
     env.update(settings)
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHEIO_")}
     full_env.update(env)
