@@ -161,7 +161,8 @@ async def test_an_endless_trailer_is_never_kept(tmp_path: Path) -> None:
         await client.close()
 
 
-async def test_a_body_up_to_the_header_bound_is_read_and_the_next_request_answered(tmp_path: Path) -> None:
+async def test_a_request_within_the_head_limits_is_read_body_and_all(tmp_path: Path) -> None:
+    # Head and body together within ARCHEIO_MAX_REQUEST_LINE + ARCHEIO_MAX_HEADER_BYTES.
     async with server_with_mirror(tmp_path) as (server, _):
         client = await AsyncClient.connect(port_of(server))
         head = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 16384\r\n\r\n"
@@ -172,14 +173,15 @@ async def test_a_body_up_to_the_header_bound_is_read_and_the_next_request_answer
 
 
 async def test_an_unfinished_body_past_the_bound_is_refused(tmp_path: Path) -> None:
-    # The lean engine: once more than ARCHEIO_MAX_HEADER_BYTES plus one 8 KiB
-    # slice of an unfinished body or trailers have arrived, 413 (named
-    # difference `body-limit`: aiohttp answers at the head and then discards
-    # the body, for at most the header deadline).
+    # The lean engine bounds a request's head, body and trailers together by
+    # ARCHEIO_MAX_REQUEST_LINE + ARCHEIO_MAX_HEADER_BYTES plus one 8 KiB
+    # slice: an unfinished body past it gets 413 (named difference
+    # `body-limit`: aiohttp answers at the head and then discards the body,
+    # for at most the header deadline).
     async with server_with_mirror(tmp_path, ARCHEIO_HEADER_TIMEOUT="1") as (server, _):
         client = await AsyncClient.connect(port_of(server))
         head = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
-        await client.send(head + b"b" * (16384 + 8192 + 1))
+        await client.send(head + b"b" * (8192 + 16384 + 8192 + 1))
         response = await client.read_response()
         assert response.status == (200 if engines.current() == "aiohttp" else 413)
         assert await closed_by_server(client, timeout=10)
@@ -317,3 +319,16 @@ async def test_a_request_that_cannot_be_parsed_is_counted_not_logged_as_an_error
             await client.close()
         assert server.flow.requests.get(("http", LOCAL, 400)) == 2
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_the_host_memo_holds_at_most_its_entries_of_bounded_length() -> None:
+    from archeio.http import hosts
+
+    for n in range(hosts.REMEMBERED * 4):
+        assert hosts.valid_host(b"host-%d.example:%d" % (n, n % 65536))
+        assert not hosts.valid_host(b"bad host %d" % n)
+        assert len(hosts.KNOWN) <= hosts.REMEMBERED and len(hosts.GOOD) <= hosts.REMEMBERED
+    long = b"a" * (hosts.REMEMBERED_LENGTH + 1)
+    assert hosts.valid_host(long) and long not in hosts.KNOWN
+    edge = b"b" * hosts.REMEMBERED_LENGTH
+    assert hosts.valid_host(edge) and edge in hosts.GOOD

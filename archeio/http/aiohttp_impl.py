@@ -138,8 +138,6 @@ class _TrackedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.tracker.remove(self)
         self.transport = None
-        if self.linger is not None:
-            self.linger.cancel()
         if self.made:
             self.inner.connection_lost(exc)
 
@@ -165,9 +163,7 @@ class _TrackedConnection(asyncio.Protocol):
     # -- the tracker's side -----------------------------------------------------------
 
     def close_now(self, reason: str) -> None:
-        linger, self.linger = self.linger, None
-        if linger is not None:
-            linger.cancel()
+        self.linger = None
         if self.transport is not None:
             log.debug("closing connection: %s", reason)
             self.transport.close()

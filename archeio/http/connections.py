@@ -26,9 +26,9 @@ list underneath: removal anywhere and popping the oldest are both O(1); a
 plain dict would leave its deleted entries at the front for `next(iter())`
 to skip).
 
-The sweep, once a second, closes connections past their header deadline or
-idle longer than the keep-alive timeout, looking only at the oldest of each
-kind. `shutdown` is the one shutdown sequence of both engines: close what
+The sweep, once a second, closes connections past their header deadline,
+idle longer than the keep-alive timeout or lingering longer than theirs,
+looking only at the oldest of each kind. `shutdown` is the one shutdown sequence of both engines: close what
 is idle, wait up to the grace period for every connection and every task
 answering one, then close the rest and cancel what still runs.
 """
@@ -84,10 +84,14 @@ class ConnectionTracker:
         # Idle connections, the longest idle first (each one's `last_active`
         # says since when); an engine moves one to the end as it answers it.
         self._idle: OrderedDict[Connection, None] = OrderedDict()
+        # An idle connection answered within one callback goes to the back of
+        # the line (its engine stamps `last_active`): the ordered dict's own
+        # method, so the hot path pays no Python call for it.
+        self.idle_to_back: Callable[[Connection], None] = self._idle.move_to_end
         # Connections reading a request -> since when (loop time), oldest first.
         self._reading: OrderedDict[Connection, float] = OrderedDict()
-        # Connections closing, oldest first (each ends itself: `Lingering`).
-        self._lingering: OrderedDict[Connection, None] = OrderedDict()
+        # Connections closing -> their `Lingering`, the longest lingering first.
+        self._lingering: OrderedDict[Connection, Lingering] = OrderedDict()
         # Requests waiting for an existence check (both engines count them).
         self.awaiting_check = 0
         # Tasks answering a request (existence checks): shutdown waits for them.
@@ -157,18 +161,13 @@ class ConnectionTracker:
             conn.last_active = self.loop.time()
             self._idle[conn] = None
 
-    def touch_idle(self, conn: Connection, now: float) -> None:
-        """An idle connection answered within one callback: it goes to the back of the line."""
-        self._idle.move_to_end(conn)
-        conn.last_active = now
-
-    def lingering(self, conn: Connection) -> None:
+    def lingering(self, conn: Connection, linger: Lingering) -> None:
         """The connection is closing: its answers are handed over and its side shut."""
         if conn not in self.open or conn.state == LINGERING:
             return
         self._leave(conn)
         conn.state = LINGERING
-        self._lingering[conn] = None
+        self._lingering[conn] = linger
 
     def remove(self, conn: Connection) -> None:
         """The connection is closed (idempotent)."""
@@ -208,8 +207,19 @@ class ConnectionTracker:
         conn.close_now(reason)
 
     def sweep(self) -> None:
-        """Close what is past its header deadline or idle too long (oldest first)."""
+        """Close what is past its header deadline, idle too long, or done lingering (oldest first)."""
         now = self.loop.time()
+        lingering = self._lingering
+        while lingering:
+            linger = next(iter(lingering.values()))
+            if now - linger.since <= self.linger_timeout:
+                break
+            if linger.still_reading():
+                linger.since = now  # another period, at the back of the line
+                lingering.move_to_end(linger.conn)
+                continue
+            self.closed["linger_timeout"] += 1
+            linger.close()
         while self._reading:
             conn, started = next(iter(self._reading.items()))
             if now - started <= self.header_timeout:
@@ -278,24 +288,29 @@ class Lingering:
     stages: no more requests are read, every answer owed is handed to the
     transport, our side is shut (`write_eof`: the FIN follows the answers),
     then what the client still sends is read and discarded until it closes
-    its side, at most `linger_bytes` bytes, and at most `linger_timeout`
+    its side, at most `linger_bytes` bytes, and for at most `linger_timeout`
     seconds after the last sign that the client is still reading our
     answers (the transport's buffer shrinking). Then the socket closes.
+
+    No timer per connection: the tracker's once-a-second sweep ends the
+    lingering connections past their time (so a lingering close lasts
+    between `linger_timeout` and one second more), and a client that closes
+    its side ends it at once, which is what well-behaved clients do.
     """
 
-    __slots__ = ("conn", "tracker", "transport", "discarded", "timer", "buffered")
+    __slots__ = ("conn", "tracker", "transport", "discarded", "since", "buffered")
 
     def __init__(self, conn: Connection, tracker: ConnectionTracker, transport: asyncio.Transport) -> None:
         self.conn = conn
         self.tracker = tracker
         self.transport = transport
         self.discarded = 0
+        self.since = tracker.loop.time()
         self.buffered = transport.get_write_buffer_size()
-        tracker.lingering(conn)
         if transport.can_write_eof():
             transport.write_eof()
         transport.resume_reading()
-        self.timer: asyncio.TimerHandle | None = tracker.loop.call_later(tracker.linger_timeout, self._expired)
+        tracker.lingering(conn, self)
 
     def received(self, size: int) -> None:
         """The client sent `size` more bytes: thrown away, within the bound."""
@@ -304,27 +319,14 @@ class Lingering:
             self.tracker.closed["linger_bytes"] += 1
             self.close()
 
-    def _expired(self) -> None:
-        self.timer = None
+    def still_reading(self) -> bool:
+        """Has the client read some of what it is owed since the last look?"""
         buffered = self.transport.get_write_buffer_size()
-        if buffered and buffered < self.buffered:
-            # Still reading what it is owed: give it another period.
-            self.buffered = buffered
-            self.timer = self.tracker.loop.call_later(self.tracker.linger_timeout, self._expired)
-            return
-        self.tracker.closed["linger_timeout"] += 1
-        self.close()
+        progress = 0 < buffered < self.buffered
+        self.buffered = buffered
+        return progress
 
     def close(self) -> None:
         """The end: the client closed its side, or a bound was reached."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.tracker.remove(self.conn)
         self.transport.close()
-
-    def cancel(self) -> None:
-        """The connection ended otherwise (lost, or closed by the tracker)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None

@@ -10,9 +10,9 @@ reg-name by its characters, so one pattern covers both), and may be empty
 
 A deployment sees few distinct Host values (its own names), so answers are
 remembered for values up to `REMEMBERED_LENGTH` bytes, at most
-`REMEMBERED` of them (the table is emptied when full): the pattern runs
+`REMEMBERED` of them (the tables are emptied when full): the pattern runs
 once per value, not per request, and a flood of distinct values holds at
-most about 64 KiB here.
+most about 128 KiB here.
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ _IP_FUTURE = rb"v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+"
 _HOST_RE = re.compile(rb"(?:\[(?P<literal>[^\]]*)\]|" + _REG_NAME + rb")(?::[0-9]*)?")
 _IP_FUTURE_RE = re.compile(_IP_FUTURE)
 
-_known: dict[bytes | str, bool] = {}
+# Value -> its verdict, and the good values alone: an engine may look a
+# value up in GOOD inline (one set lookup) before calling `valid_host`.
+KNOWN: dict[bytes | str, bool] = {}
+GOOD: set[bytes | str] = set()
 
 
 def _valid(value: bytes) -> bool:
@@ -51,12 +54,15 @@ def _valid(value: bytes) -> bool:
 
 def valid_host(value: bytes | str) -> bool:
     """Is `value` (the Host field value: its bytes, or text as aiohttp decodes them) `host [":" port]`?"""
-    known = _known.get(value)
+    known = KNOWN.get(value)
     if known is not None:
         return known
     answer = _valid(value if type(value) is bytes else value.encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
     if len(value) <= REMEMBERED_LENGTH:
-        if len(_known) >= REMEMBERED:
-            _known.clear()
-        _known[value] = answer
+        if len(KNOWN) >= REMEMBERED:
+            KNOWN.clear()
+            GOOD.clear()
+        KNOWN[value] = answer
+        if answer:
+            GOOD.add(value)
     return answer

@@ -26,13 +26,14 @@ Guarantees kept here (docs/reliability.md lists the tests):
 - One client cannot hold the loop: at most `BUDGET` answers are given per
   turn of the event loop, then the connection yields.
 - A request target over `max_request_line` bytes gets 414, headers over
-  `max_header_bytes` 431 (counted exactly per header; an unfinished head is
-  cut once its bytes, counted from the slice it began in, pass both limits
-  plus one slice, so complete requests before it never count), a body and
-  trailers over `max_header_bytes` 413 (counted the same way: httptools
-  keeps a trailer's value in its parser, so the bytes after the head are
-  counted here as they are fed), anything unparseable 400. Trailer fields
-  are never read as header fields (RFC 9110 6.5.1).
+  `max_header_bytes` 431 (counted exactly per header). A request in
+  progress, its head, body and trailers together, may hold at most both
+  limits plus the slice it began in (counted from that slice, so complete
+  requests before it never count): past that, 431 while in its head, 413
+  in its body. httptools keeps an unfinished header or trailer value in its
+  parser, so the protocol counts these bytes itself as they are fed.
+  Anything unparseable gets 400. Trailer fields are never read as header
+  fields (RFC 9110 6.5.1).
 - An HTTP/1.1 request without a `Host` header, with two, or with a value
   that is not a URI host and port, gets 400 (RFC 9112 3.2, hosts.py).
 - `Expect: 100-continue` and `Upgrade` requests are answered at once, as
@@ -56,6 +57,7 @@ import httptools
 from ..routing import Decision, LocalAnswer
 from .answers import ERRORS, UNAVAILABLE, reason
 from .connections import BUSY, IDLE, ConnectionTracker, Lingering
+from .hosts import GOOD as _GOOD_HOSTS
 from .hosts import valid_host
 
 if TYPE_CHECKING:
@@ -182,7 +184,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         "state", "last_active", "_engine", "_flow", "_tracker", "_wire", "_targets", "_loop", "_transport",
         "_parser", "_peer",
         "_url", "_forwarded", "_trace", "_flags", "_header_bytes", "_refusal",
-        "_limit_at", "_over", "_fed", "_fed_before", "_queue", "_waiting",
+        "_began_at", "_fed", "_fed_before", "_queue", "_waiting",
         "_input_closed", "_eof", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
         "_writing_paused", "_out", "_close_after_flush", "_linger",
     )
@@ -206,10 +208,9 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._flags = 0  # _KEEP_ALIVE_HEADER, _EXPECT_HEADER, _ANSWERED_EARLY, _HOST_HEADER, _IN_BODY
         self._header_bytes = 0
         self._refusal = 0  # the status of a refusal decided inside a parser callback
-        # The message in progress (head or body) is refused with `_over` once
-        # the input fed passes `_limit_at`; -1 while no message is in progress.
-        self._limit_at = -1
-        self._over = 431
+        # Input bytes fed before the slice in which the request in progress
+        # began; -1 while no request is in progress.
+        self._began_at = -1
         self._fed = 0
         self._fed_before = 0
         # Answering, in order.
@@ -240,8 +241,6 @@ class HttpToolsProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._tracker.remove(self)
         self._transport = None
-        if self._linger is not None:
-            self._linger.cancel()
         self._queue.clear()
         self._backlog = b""
 
@@ -259,7 +258,6 @@ class HttpToolsProtocol(asyncio.Protocol):
         """Close at once, after what is already rendered (the tracker's call)."""
         linger, self._linger = self._linger, None
         if linger is not None:
-            linger.cancel()
             linger.transport.close()
         transport = self._transport
         if transport is not None:
@@ -338,20 +336,20 @@ class HttpToolsProtocol(asyncio.Protocol):
             if not self._input_closed:  # bytes after `Connection: close` are ignored
                 self._refuse(self._refusal or 400)
             return
-        if self._limit_at >= 0:
+        if self._began_at >= 0:
             self._in_progress()
 
     def _in_progress(self) -> None:
         """A read ended inside a request (head or body): its deadline runs; it may not grow without bound."""
-        if self._fed > self._limit_at:
-            self._refuse(self._over)
+        if self._fed - self._began_at > self._engine.max_request_bytes:
+            self._refuse(413 if self._flags & _IN_BODY else 431)
         elif self.state == IDLE:
             self._tracker.reading(self)
 
     def _refuse(self, status: int) -> None:
         """End the input with an error answer, sent after every answer owed before it."""
         self._input_closed = True
-        self._limit_at = -1
+        self._began_at = -1
         self._backlog = b""
         self._tracker.accepted(self)
         self._queue.append(status)
@@ -367,9 +365,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._forwarded = self._trace = None
         self._flags = 0
         self._header_bytes = 0
-        # The head may take its limits plus the slice it began in.
-        self._limit_at = self._fed_before + self._engine.max_head_bytes
-        self._over = 431
+        self._began_at = self._fed_before
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -378,47 +374,57 @@ class HttpToolsProtocol(asyncio.Protocol):
             raise _StopParsing
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._flags & _IN_BODY:
-            return  # a trailer field: never merged into the head (RFC 9110 6.5.1); bounded as body
         size = len(name)
         self._header_bytes += size + len(value) + 4
         if self._header_bytes > self._engine.max_header_bytes:
             self._refusal = 431
             raise _StopParsing
-        if size == 15:
-            if name.lower() == _XFF:
+        # Names are compared as clients write them first (no lower-cased copy),
+        # in any case second. A trailer field (after the head: `_IN_BODY`) is
+        # never merged into the head (RFC 9110 6.5.1): the fields we read ignore it.
+        if size == 4:
+            if name == b"Host" or name.lower() == _HOST:
+                if self._flags & (_HOST_HEADER | _IN_BODY) or value not in _GOOD_HOSTS:
+                    self._unusual_host(value)
+                else:
+                    self._flags |= _HOST_HEADER
+        elif size == 15:
+            if (name == b"X-Forwarded-For" or name.lower() == _XFF) and not self._flags & _IN_BODY:
                 # Repeated lines form one list, in order (RFC 9110 5.3).
                 self._forwarded = value if self._forwarded is None else self._forwarded + b"," + value
         elif size == 21:
-            if name.lower() == _TRACE:
+            if name.lower() == _TRACE and not self._flags & _IN_BODY:
                 self._trace = value
         elif size == 10:
             if name.lower() == _CONNECTION and b"keep-alive" in value.lower():
                 self._flags |= _KEEP_ALIVE_HEADER
-        elif size == 4:
-            if name.lower() == _HOST:
-                if self._flags & _HOST_HEADER or not valid_host(value):
-                    raise _StopParsing  # a second or malformed Host: 400 (RFC 9112 3.2)
-                self._flags |= _HOST_HEADER
         elif size == 6 and name.lower() == _EXPECT:
             self._flags |= _EXPECT_HEADER
 
+    def _unusual_host(self, value: bytes) -> None:
+        """A Host line that is not the first, good, known value of a head."""
+        flags = self._flags
+        if flags & _IN_BODY:
+            return  # a trailer field: ignored
+        if flags & _HOST_HEADER or not valid_host(value):
+            raise _StopParsing  # a second Host, or one that is not host[:port]: 400 (RFC 9112 3.2)
+        self._flags = flags | _HOST_HEADER
+
     def on_headers_complete(self) -> None:
-        # The body and trailers, if any, share one bound and the header deadline.
-        self._flags |= _IN_BODY
-        self._limit_at = self._fed_before + self._engine.max_body_bytes
-        self._over = 413
-        if not self._flags & _HOST_HEADER and self._parser.get_http_version() == "1.1":
+        # The body and trailers, if any, are bounded with the head and have
+        # its deadline: the request is in progress until its end.
+        flags = self._flags = self._flags | _IN_BODY
+        if not flags & _HOST_HEADER and self._parser.get_http_version() == "1.1":
             raise _StopParsing  # HTTP/1.1 without Host: 400 (RFC 9112 3.2)
-        if self._flags & _EXPECT_HEADER or self._parser.should_upgrade():
+        if flags & _EXPECT_HEADER or self._parser.should_upgrade():
             # Answer now instead of 100 Continue or switching protocols, and
             # read no further: the body or the other protocol is not ours.
-            self._flags |= _ANSWERED_EARLY
-            self._limit_at = -1
+            self._flags = flags | _ANSWERED_EARLY
+            self._began_at = -1
             self._accept(CLOSE)
 
     def on_message_complete(self) -> None:
-        self._limit_at = -1
+        self._began_at = -1
         flags = self._flags
         if flags & _ANSWERED_EARLY:
             self._flags = 0
@@ -483,9 +489,10 @@ class HttpToolsProtocol(asyncio.Protocol):
             if self.state == IDLE and not tracker.closing:
                 # Idle before and after: the longest idle go first, so it
                 # goes to the back of the line, stamped with the coarse clock.
-                tracker.touch_idle(self, self._engine.now)
+                tracker.idle_to_back(self)
+                self.last_active = self._engine.now
             else:
-                tracker.answered(self, self._limit_at >= 0)
+                tracker.answered(self, self._began_at >= 0)
 
     def _respond(self, response: bytes, mode: int) -> None:
         self._out.append(response)
@@ -493,7 +500,7 @@ class HttpToolsProtocol(asyncio.Protocol):
             self._close_after_flush = True
             self._queue.clear()
         elif not self._queue and not self._waiting:
-            self._tracker.answered(self, self._limit_at >= 0)
+            self._tracker.answered(self, self._began_at >= 0)
 
     async def _answer_later(self, pending: PendingCheck, head: bool, mode: int) -> None:
         flow = self._flow
@@ -600,8 +607,9 @@ class HttpToolsEngine:
         self.now = loop.time()
         self.max_request_line = settings.max_request_line
         self.max_header_bytes = settings.max_header_bytes
-        self.max_head_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
-        self.max_body_bytes = settings.max_header_bytes + SLICE
+        # A request in progress (head, body and trailers together) may take
+        # the head's limits plus the slice it began in.
+        self.max_request_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
         self._server: asyncio.AbstractServer | None = None
 
     def split_target(self, url: bytes) -> tuple[str, str]:
