@@ -85,9 +85,13 @@ async def test_an_answer_whose_client_has_gone_is_not_counted(tmp_path: Path) ->
 
 
 async def close_then_linger(server: Any) -> AsyncClient:
-    """A client whose `Connection: close` request is answered; it keeps its socket open."""
+    """A pipelining client whose last request says `Connection: close`; it keeps its socket open.
+
+    A pipelining client may have more on its way: its connection lingers.
+    """
     client = await AsyncClient.connect(port_of(server))
-    await client.send(request_bytes("GET", "/v2/", close=True))
+    await client.send(request_bytes("GET", "/v2/", close=False) + request_bytes("GET", "/v2/", close=True))
+    assert (await client.read_response()).status == 200
     response = await client.read_response()
     assert response.status == 200 and response.announces_close
     assert await client.reader.read() == b""  # our FIN follows the answer
@@ -103,6 +107,20 @@ async def test_lingering_discards_up_to_its_byte_bound(tmp_path: Path, sent: int
         tracker = tracker_of(server)
         await wait_until(lambda: not tracker.open, "the lingering connection to end")
         assert dict(tracker.closed) == {ended_by: 1}
+        await client.close()
+
+
+async def test_a_lone_request_that_closes_closes_at_once(tmp_path: Path) -> None:
+    # Nothing suggests the client sends more (RFC 9112 9.6: after `close` it
+    # MUST NOT): no lingering, as nginx's lingering_close "on" decides.
+    async with server_with_mirror(tmp_path, ARCHEIO_LINGER_TIMEOUT="300") as (server, _):
+        client = await AsyncClient.connect(port_of(server))
+        await client.send(request_bytes("GET", "/v2/", close=True))
+        assert (await client.read_response()).announces_close
+        assert await client.reader.read() == b""
+        tracker = tracker_of(server)
+        await wait_until(lambda: not tracker.open, "the connection to close without lingering")
+        assert not tracker.closed
         await client.close()
 
 

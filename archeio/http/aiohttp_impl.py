@@ -67,7 +67,7 @@ class _TrackedConnection(asyncio.Protocol):
     """One client connection: the socket's protocol, and the transport aiohttp's handler sees."""
 
     __slots__ = ("state", "last_active", "engine", "tracker", "inner", "transport", "answered", "partial", "eof",
-                 "closing", "linger", "made")
+                 "closing", "linger", "suspect", "made")
 
     def __init__(self, engine: AiohttpEngine) -> None:
         self.state = IDLE
@@ -81,6 +81,10 @@ class _TrackedConnection(asyncio.Protocol):
         self.eof = False  # the client shut its sending side
         self.closing = False  # aiohttp asked to close
         self.linger: Lingering | None = None
+        # The client may still be sending: it pipelined, or a request was
+        # refused. Closing then lingers; otherwise it closes at once (as
+        # nginx's lingering_close "on" decides).
+        self.suspect = False
         self.made = False
 
     # -- the socket's side ---------------------------------------------------------
@@ -109,6 +113,7 @@ class _TrackedConnection(asyncio.Protocol):
         # each valid request before it meets the bad one.
         end = data.find(b"\r\n\r\n") + 4
         if 3 < end < len(data):
+            self.suspect = True  # more than a request in one read: a pipelining client
             start = 0
             while 3 < end < len(data):
                 inner.data_received(data[start:end])
@@ -147,15 +152,17 @@ class _TrackedConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.inner.resume_writing()
 
-    def sent(self, body_pending: bool) -> None:
+    def sent(self, body_pending: bool, refused: bool) -> None:
         """aiohttp has handed a response to the transport; `body_pending`: its request's body is not all here."""
         self.answered += 1
+        if refused or body_pending:
+            self.suspect = True
         if self.transport is None or self.linger is not None:
             return
         if self.inner._request_count > self.answered:
             return  # still BUSY: more parsed requests wait for their answers
         if self.eof:
-            self.finish()  # half-closed and all answered: the end
+            self._end(linger=False)  # half-closed and all answered: the end
         else:
             # A body still arriving keeps the header deadline running, as a head does.
             self.tracker.answered(self, self.partial or body_pending)
@@ -170,16 +177,23 @@ class _TrackedConnection(asyncio.Protocol):
         self.tracker.remove(self)
 
     def finish(self) -> None:
-        """Close gracefully: everything owed is handed to the transport."""
+        """Close gracefully, everything owed handed over (the tracker's call at shutdown).
+
+        It lingers: the client of a kept-alive connection may be sending a
+        request at this very moment.
+        """
+        self._end(linger=True)
+
+    def _end(self, linger: bool) -> None:
         transport = self.transport
         if transport is None or self.linger is not None:
             return
         self.closing = True
-        if self.eof:
+        if linger and not self.eof:
+            self.linger = Lingering(self, self.tracker, transport)
+        else:  # nothing more is coming: it shut its side, or sent one last request and waits
             self.tracker.remove(self)
             transport.close()
-        else:
-            self.linger = Lingering(self, self.tracker, transport)
 
     # -- aiohttp's side: the transport it writes to -----------------------------------
 
@@ -197,8 +211,7 @@ class _TrackedConnection(asyncio.Protocol):
     def close(self) -> None:
         """aiohttp closes the connection: after its last answer, or on an error."""
         if not self.closing:
-            self.closing = True
-            self.finish()
+            self._end(linger=self.suspect or self.partial or self.inner._request_count > self.answered)
 
     def abort(self) -> None:
         self.closing = True
@@ -348,11 +361,12 @@ class AiohttpEngine:
         return _redirect(decision.location)
 
     def response_sent(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        refused = type(response) is not _Answer or response.status == 400
         if type(response) is not _Answer:
             self.flow.refused(response.status)
         conn = request.transport
         if type(conn) is _TrackedConnection:
-            conn.sent(not request.content.is_eof())
+            conn.sent(not request.content.is_eof(), refused)
 
     def tick(self) -> None:
         self.tracker.sweep()

@@ -186,7 +186,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         "_url", "_forwarded", "_trace", "_flags", "_header_bytes", "_refusal",
         "_began_at", "_fed", "_fed_before", "_queue", "_waiting",
         "_input_closed", "_eof", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
-        "_writing_paused", "_out", "_close_after_flush", "_linger",
+        "_writing_paused", "_out", "_close_after_flush", "_linger_close", "_linger",
     )
 
     def __init__(self, engine: HttpToolsEngine) -> None:
@@ -225,6 +225,10 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._out: list[bytes] = []
         self._close_after_flush = False
+        # Close by lingering, not at once: the client may still be sending (it
+        # pipelined, sent bytes after the request that closes, or the input
+        # ended in an error). As nginx's lingering_close "on" decides.
+        self._linger_close = False
         self._linger: Lingering | None = None
 
     # -- connection lifecycle ----------------------------------------------------
@@ -274,7 +278,7 @@ class HttpToolsProtocol(asyncio.Protocol):
     def finish(self) -> None:
         """Close gracefully once what is rendered is sent (the tracker's call at shutdown)."""
         self._input_closed = True
-        self._close_after_flush = True
+        self._close_after_flush = self._linger_close = True
         self._flush()
 
     def pause_writing(self) -> None:
@@ -294,6 +298,8 @@ class HttpToolsProtocol(asyncio.Protocol):
             # lingering, the bytes are counted against its bound.
             if self._linger is not None:
                 self._linger.received(len(data))
+            else:
+                self._linger_close = True  # it sends on after its last request
             return
         if self._backlog:
             self._backlog += data
@@ -348,7 +354,7 @@ class HttpToolsProtocol(asyncio.Protocol):
 
     def _refuse(self, status: int) -> None:
         """End the input with an error answer, sent after every answer owed before it."""
-        self._input_closed = True
+        self._input_closed = self._linger_close = True
         self._began_at = -1
         self._backlog = b""
         self._tracker.accepted(self)
@@ -360,6 +366,7 @@ class HttpToolsProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self._input_closed:
+            self._linger_close = True  # bytes after the request that closes: it may send more
             raise _StopParsing  # the rest of a read after a request answered early
         self._url = b""
         self._forwarded = self._trace = None
@@ -421,6 +428,7 @@ class HttpToolsProtocol(asyncio.Protocol):
             # read no further: the body or the other protocol is not ours.
             self._flags = flags | _ANSWERED_EARLY
             self._began_at = -1
+            self._linger_close = True  # its body or the other protocol may follow
             self._accept(CLOSE)
 
     def on_message_complete(self) -> None:
@@ -443,6 +451,8 @@ class HttpToolsProtocol(asyncio.Protocol):
         # that waits (queued, or for a check) makes the connection BUSY.
         if mode == CLOSE:
             self._input_closed = True
+            if self._answered or self._queue or self._waiting:
+                self._linger_close = True  # a pipelining client: more may be on its way
         method = _METHODS.get(self._parser.get_method(), "OTHER")
         if self._queue or self._waiting or self._answered >= BUDGET:
             if self.state != BUSY:
@@ -570,11 +580,11 @@ class HttpToolsProtocol(asyncio.Protocol):
         if self._close_after_flush and transport is not None:
             self._close_after_flush = False
             self._transport = None
-            if self._eof:  # the client has shut its side: nothing to linger for
+            if self._linger_close and not self._eof:
+                self._linger = Lingering(self, self._tracker, transport)
+            else:  # nothing more is coming: it shut its side, or sent one last request and waits
                 self._tracker.remove(self)
                 transport.close()
-            else:
-                self._linger = Lingering(self, self._tracker, transport)
 
     def _update_reading(self) -> None:
         transport = self._transport
