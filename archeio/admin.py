@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .http.answers import reason
 from .metrics import MetricsSource, render
 
 log = logging.getLogger("archeio.admin")
@@ -29,10 +30,6 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # A probe's request is a few hundred bytes; a client gets this long to send it.
 _REQUEST_LIMIT = 8192
 _REQUEST_TIMEOUT = 10.0
-_REASONS = {
-    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-    500: "Internal Server Error", 503: "Service Unavailable",
-}
 
 
 class AdminServer:
@@ -85,7 +82,7 @@ class AdminServer:
                     log.exception("admin request failed")
                     status, content_type, body = 500, "text/plain", b"internal error\n"
             writer.write(
-                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+                f"HTTP/1.1 {status} {reason(status)}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + (b"" if method == "HEAD" else body)
             )

@@ -8,6 +8,15 @@ one request and returns what to answer, as data:
 - a `PendingCheck` when a blob's answer needs an existence HEAD first; the
   engine then awaits `respond_after_check(pending)` for the decision.
 
+This is the one decision path: the engines serve with it and `archeio
+explain` explains with it (explain.py), so the two cannot disagree.
+
+Answers are counted once they are handed to the transport, never before:
+`respond` counts the answers it returns (both engines write those within
+the same callback), and a checked blob's answer is counted by
+`delivered(pending, decision)`, which the engine calls only if its client
+is still there to be written to.
+
 No HTTP bytes are made here: reason phrases, the Date header, keep-alive
 and `Connection` lines belong to the engines (archeio/http/), which render
 and cache them as they see fit. Keeping the synchronous path free of
@@ -51,8 +60,14 @@ access_log = logging.getLogger("archeio.access")
 HTTP = "http"
 
 _BLOB_TO_MIRROR = (BLOB, MIRROR, 307)
-# Distinct X-Forwarded-For values whose placement is remembered.
+# Distinct X-Forwarded-For values whose placement is remembered, and the
+# longest value remembered: Google's load balancer sends `<client>, <lb>`
+# (at most about 80 characters), so a real client's value fits with room
+# for a few more proxies, and the table holds at most about 1.5 MB whatever
+# clients send (4,096 values of at most 256 bytes, with a dict slot and a
+# bytes object's overhead each).
 CLIENTS_REMEMBERED = 4096
+FORWARDED_REMEMBERED_LENGTH = 256
 _UNSEEN: Any = object()
 
 
@@ -181,20 +196,24 @@ class RequestFlow:
         return self._to_upstream(method, path, query, route, placement, forwarded, peer, trace)
 
     async def respond_after_check(self, pending: PendingCheck) -> Decision:
-        """The blob's decision once the mirror has been asked."""
-        route, mirror, placement = pending.route, pending.mirror, pending.placement
-        assert route.digest is not None
-        if await self.cache.check(mirror, route.digest):
-            decision = self.router.mirror_decision(route, mirror)
-            _count(self.requests, _BLOB_TO_MIRROR)
-        else:
-            decision = route.plain if not pending.query else self.router.upstream_location(route, pending.query)
-            _count(self.requests, route.counted)
-        self._count_blob(placement, decision.backend)
+        """The blob's decision once the mirror has been asked (not counted yet: `delivered`)."""
+        assert pending.route.digest is not None
+        return self.decide_checked(pending, await self.cache.check(pending.mirror, pending.route.digest))
+
+    def decide_checked(self, pending: PendingCheck, found: bool) -> Decision:
+        """The blob's decision when the mirror holds it (`found`) or not."""
+        if found:
+            return self.router.mirror_decision(pending.route, pending.mirror)
+        return pending.route.plain if not pending.query else self.router.upstream_location(pending.route,
+                                                                                           pending.query)
+
+    def delivered(self, pending: PendingCheck, decision: Decision) -> None:
+        """A checked blob's answer was handed to the transport: count it, log it."""
+        _count(self.requests, _BLOB_TO_MIRROR if decision.backend == MIRROR else pending.route.counted)
+        self._count_blob(pending.placement, decision.backend)
         if pending.request is not None:
-            self._log(pending.method, pending.path, pending.query, 307, BLOB, decision.backend, placement,
+            self._log(pending.method, pending.path, pending.query, 307, BLOB, decision.backend, pending.placement,
                       decision.location, pending.request)
-        return decision
 
     def _to_mirror(
         self, method: str, path: str, query: str, route: Route, mirror: str, placement: Placement | None,
@@ -252,13 +271,16 @@ class RequestFlow:
 
         A pull is a burst of requests from one client behind one load
         balancer, so the same header value comes back many times: its
-        placement is remembered (at most `CLIENTS_REMEMBERED` values, the
-        table emptied when full, and when the range index changes).
+        placement is remembered (at most `CLIENTS_REMEMBERED` values of at
+        most `FORWARDED_REMEMBERED_LENGTH` bytes, the table emptied when
+        full, and when the range index changes).
         """
         text = forwarded.decode("latin-1") if type(forwarded) is bytes else forwarded
         address = client_ip(text, peer, self._trusted_hops)  # type: ignore[arg-type]
         placement = self._placement(address) if address else False
-        if address is not peer:  # taken from the header, not the peer: the header alone decides
+        # Taken from the header, not the peer, the header alone decides; a
+        # long value is not remembered (the table's bytes stay bounded).
+        if address is not peer and len(forwarded) <= FORWARDED_REMEMBERED_LENGTH:
             if len(self._clients) >= CLIENTS_REMEMBERED:
                 self._clients.clear()
             self._clients[forwarded] = placement

@@ -6,11 +6,18 @@ error prints one line naming the variable and exits with status 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import TYPE_CHECKING
 
+# Nothing slower is imported before `main` holds a serving process's
+# signals: until then a SIGHUP or SIGTERM still kills it, so the window is
+# the interpreter's start-up and these imports (docs/operations.md gives the
+# figure). The settings module alone takes tens of milliseconds: it is
+# imported where it is used.
 from . import signals
-from .config import ConfigError, add_arguments, load_settings, settings_table
+
+if TYPE_CHECKING:
+    import argparse
 
 COMMANDS = ("serve", "settings", "mirror", "explain")
 
@@ -22,6 +29,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     one asked for keeps `archeio serve`'s start-up (and the memory of a
     supervisor of workers) free of the mirror tool and of `explain`.
     """
+    import argparse
+
     parser = argparse.ArgumentParser(prog="archeio", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
@@ -30,6 +39,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "also reads the environment variable named in its help.",
     )
     if command in (None, "serve"):
+        from .config import add_arguments
+
         add_arguments(serve)
     commands.add_parser("settings", help="print the table of every setting (Markdown)")
     mirror = commands.add_parser("mirror", help="copy blobs from a registry into S3 buckets")
@@ -58,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         # until the server can act on it, never fatal (signals.py).
         signals.hold()
     args = _parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
+    from .config import ConfigError, load_settings, settings_table
+
     if args.command == "settings":
         print(settings_table())
         return 0

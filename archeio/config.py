@@ -91,9 +91,11 @@ def _positive_seconds(value: str) -> float:
 
 
 def _http_engine(value: str) -> str:
+    from .http import ENGINES  # the one list of engines
+
     engine = value.strip().lower()
-    if engine not in ("httptools", "aiohttp"):
-        raise ValueError("must be httptools or aiohttp")
+    if engine not in ENGINES:
+        raise ValueError("must be " + " or ".join(ENGINES))
     return engine
 
 
@@ -248,6 +250,18 @@ SETTINGS: tuple[Setting, ...] = (
         "both: our tracker",
     ),
     Setting(
+        "linger_timeout", "ARCHEIO_LINGER_TIMEOUT", "2", _positive_seconds,
+        "Seconds a connection we close keeps reading and discarding what the client still sends, after "
+        "our last answer and our FIN, so that no reset destroys answers it has not read (RFC 9112 9.6); "
+        "restarted while the client is still reading answers owed to it.",
+        "both: our lingering close",
+    ),
+    Setting(
+        "linger_bytes", "ARCHEIO_LINGER_BYTES", "65536", _positive_int,
+        "Most bytes read and discarded while lingering; more closes the connection at once.",
+        "both: our lingering close",
+    ),
+    Setting(
         "max_request_line", "ARCHEIO_MAX_REQUEST_LINE", "8192", _positive_int,
         "Longest request target in bytes (longer: 414).",
         "httptools: the target, 414; aiohttp: the target, 400",
@@ -362,6 +376,8 @@ class Settings:
     header_timeout: float
     keepalive_timeout: float
     max_connections: int
+    linger_timeout: float
+    linger_bytes: int
     max_request_line: int
     max_header_bytes: int
     log_level: str

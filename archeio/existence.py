@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import aiohttp
 
+    from .config import Settings
+
 log = logging.getLogger("archeio.existence")
 
 # Outcomes of `BlobExistenceCache.check`, also metric labels.
@@ -216,6 +218,18 @@ class BlobExistenceCache:
         self.breakers: dict[str, CircuitBreaker] = {}
         self.outcomes: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, on_check: Callable[[str, str, float], None] | None = None
+    ) -> BlobExistenceCache:
+        """The cache as `serve` configures it (and `explain`, to check as the server does)."""
+        return cls(
+            hit_ttl=settings.cache_hit_ttl, miss_ttl=settings.cache_miss_ttl, error_ttl=settings.cache_error_ttl,
+            size=settings.cache_size, head_timeout=settings.head_timeout,
+            head_concurrency=settings.head_concurrency, breaker_failures=settings.breaker_failures,
+            breaker_cooldown=settings.breaker_cooldown, on_check=on_check,
+        )
 
     async def start(self) -> None:
         """Ready for checks; the client session opens at the first HEAD."""

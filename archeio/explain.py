@@ -3,11 +3,13 @@
 Users ask "why did my pull go there"; the answer depends on the request's
 grammar, on which X-Forwarded-For entry is the client, on the range data,
 on the mirror table and on whether the mirror holds the blob right now.
-`explain` walks the same steps as the server's request flow (app.py), with
-the same pieces: `Router.classify`, `client_ip`'s `forwarded_entries` and
-`client_entry`, `strip_port`, the `CloudIndex` of `load_index`,
-`Router.mirror_for`, a live `BlobExistenceCache.check` and `Router.decide`.
-No decision is made here; this module only records what each piece said.
+The answer itself comes from the server's own request flow: a
+`RequestFlow` (app.py) with this deployment's settings and range data
+responds, and a blob that needs a check gets the same live check the server
+makes (`respond_after_check`) or, with --no-check, both of its outcomes
+(`decide_checked`). Around it, this module only says why, with the same
+pieces the flow uses: `client_ip`'s `forwarded_entries` and
+`client_entry`, `strip_port`, the `CloudIndex` and `Router.mirror_for`.
 It reads the same settings as `serve` (variables and flags), so it explains
 what this deployment would answer.
 
@@ -22,19 +24,18 @@ import argparse
 import asyncio
 import json
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from iprange import CloudIndex, InvalidAddress, Placement, RangeFileError, load_index
 from iprange.parse import FILE_NAMES
 
+from .app import PendingCheck, RequestFlow
 from .clientip import client_entry, forwarded_entries, strip_port
 from .config import ConfigError, Settings, load_settings
 from .config import add_arguments as add_setting_arguments
-from .routing import BLOB, CLIENT_IP_INVALID, LOCAL, MIRROR, LocalAnswer, Route, Router
-
-if TYPE_CHECKING:
-    from .existence import BlobExistenceCache
+from .existence import BlobExistenceCache
+from .routing import BLOB, LOCAL, MIRROR, Decision, LocalAnswer, Router
 
 # What a direct request from this machine would come from.
 DEFAULT_PEER = "127.0.0.1"
@@ -222,48 +223,47 @@ def _mirror_reason(settings: Settings, placement: Placement | None, mirror: str 
     return f"no entry for {placement.cloud} {placement.region} in {table}: the default mirror (DEFAULT_AWS_BASE_URL)"
 
 
-def existence_cache(settings: Settings, on_check: Any = None) -> BlobExistenceCache:
-    """A cache configured as the server's (same timeout), for one live check."""
-    from .existence import BlobExistenceCache  # aiohttp: only when a check is made
-
-    return BlobExistenceCache(
-        hit_ttl=settings.cache_hit_ttl, miss_ttl=settings.cache_miss_ttl, error_ttl=settings.cache_error_ttl,
-        size=settings.cache_size, head_timeout=settings.head_timeout, head_concurrency=settings.head_concurrency,
-        breaker_failures=settings.breaker_failures, breaker_cooldown=settings.breaker_cooldown,
-        on_check=on_check,
-    )
-
-
 async def explain(
     settings: Settings, index: CloudIndex, target: str, *, peer: str | None = DEFAULT_PEER,
     forwarded: str | None = None, method: str = "GET", check: bool = True,
 ) -> Explanation:
-    """The server's answer to `method TARGET` from this client, with every step that led to it."""
-    router = Router(settings)
+    """The server's answer to `method TARGET` from this client, with every step that led to it.
+
+    The answer comes from the server's own `RequestFlow` (respond, then the
+    live check or both of its outcomes); the steps around it only say why.
+    """
+    seen: list[tuple[str, float]] = []
+    cache = BlobExistenceCache.from_settings(
+        settings, on_check=lambda _mirror, outcome, seconds: seen.append((outcome, seconds))
+    )
+    flow = RequestFlow(replace(settings, access_log=0.0), index, cache)
     path, query = request_for(target)
-    answer = router.classify(method, path)
-    if isinstance(answer, LocalAnswer):
-        return Explanation(method, path, query, LOCAL, _local_verdict(answer), answer.status, answer.location,
-                           LOCAL, answer.code or None)
-    route: Route = answer
+    outcome = flow.respond(method, path, query, forwarded, peer)
+    route = flow.router.classify(method, path)
+    if isinstance(route, LocalAnswer):
+        assert isinstance(outcome, LocalAnswer)
+        return Explanation(method, path, query, LOCAL, _local_verdict(outcome), outcome.status, outcome.location,
+                           LOCAL, outcome.code or None)
     if route.kind != BLOB or route.digest is None:
-        decision = router.upstream_location(route, query)
+        assert isinstance(outcome, Decision)
         verdict = "well-formed"
         notes = []
         if route.kind == BLOB:
             verdict += ", but a digest of another algorithm: never checked in a mirror"
         else:
             notes.append("only blob requests depend on where the client is")
-        return Explanation(method, path, query, route.kind, verdict, 307, decision.location, decision.backend,
+        return Explanation(method, path, query, route.kind, verdict, 307, outcome.location, outcome.backend,
                            notes=notes)
 
     result = Explanation(method, path, query, BLOB, "well-formed, digest checkable", 307, None, "")
     result.client = _client(settings, forwarded, peer)
-    looked_up = _placement(index, result.client.address) if result.client.address else None
-    if looked_up is None:
-        result.status, result.code, result.backend = CLIENT_IP_INVALID.status, CLIENT_IP_INVALID.code, LOCAL
+    if isinstance(outcome, LocalAnswer):  # no usable client address
+        result.status, result.code, result.backend = outcome.status, outcome.code, LOCAL
         result.notes.append("the client address is missing or not an IP address: the server answers 400")
         return result
+    assert result.client.address is not None
+    looked_up = _placement(index, result.client.address)
+    assert looked_up is not None
     address, placement = looked_up
     if address != result.client.address:
         result.notes.append(f"port or brackets dropped: looked up as {address}")
@@ -271,35 +271,29 @@ async def explain(
         result.placement = _where(settings, index, address, placement)
         if ":" in address and "." in result.placement.prefix:
             result.notes.append("an IPv4-mapped IPv6 address (dual-stack listener): looked up as IPv4")
-    mirror = router.mirror_for(placement)
+    mirror = flow.router.mirror_for(placement)
     result.mirror = MirrorChoice(mirror, _mirror_reason(settings, placement, mirror))
-    found: bool | None = False
-    if mirror is not None and check:
-        found = await _check(settings, mirror, route.digest, result)
-    elif mirror is not None:
-        result.if_in_mirror = router.mirror_location(mirror, route.digest).location
-        result.notes.append("--no-check: the answer depends on whether the mirror holds the blob")
-        found = None
-    decision = router.decide(route, query, placement, found)
+    if isinstance(outcome, PendingCheck):
+        if check:
+            try:
+                decision = await flow.respond_after_check(outcome)
+            finally:
+                await cache.close()
+            what, seconds = seen[0] if seen else ("over_capacity", 0.0)
+            url = Router.mirror_location(outcome.mirror, route.digest).location
+            result.check = Check(url, what, _OUTCOMES.get(what, what), seconds)
+            if decision.backend != MIRROR:
+                result.notes.append("the blob is served by the source registry")
+        else:
+            result.if_in_mirror = flow.decide_checked(outcome, True).location
+            decision = flow.decide_checked(outcome, False)
+            result.notes.append("--no-check: the answer depends on whether the mirror holds the blob")
+    else:
+        decision = outcome
+        if mirror is None:
+            result.notes.append("the blob is served by the source registry")
     result.location, result.backend = decision.location, decision.backend
-    if decision.backend != MIRROR and found is not None:
-        result.notes.append("the blob is served by the source registry")
     return result
-
-
-async def _check(settings: Settings, mirror: str, digest: str, result: Explanation) -> bool:
-    """One live existence check, as the server makes it (same HEAD, same deadline)."""
-    seen: list[tuple[str, float]] = []
-    cache = existence_cache(settings, on_check=lambda _mirror, outcome, seconds: seen.append((outcome, seconds)))
-    await cache.start()
-    try:
-        found = await cache.check(mirror, digest)
-    finally:
-        await cache.close()
-    outcome, seconds = seen[0] if seen else ("over_capacity", 0.0)
-    url = Router.mirror_location(mirror, digest).location
-    result.check = Check(url, outcome, _OUTCOMES.get(outcome, outcome), seconds)
-    return found
 
 
 # -- the command line ------------------------------------------------------------------------

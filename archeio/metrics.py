@@ -240,10 +240,11 @@ def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     gauges = _sum_maps(live, "connections")
     connections = Family(
         "archeio_connections", "gauge", "Open public connections by state: idle, reading (part of a "
-        "request received, or none yet on a new connection), busy (holding accepted requests).",
+        "request received, or none yet on a new connection), busy (holding accepted requests), lingering "
+        "(closing: every answer handed over, our side shut, reading what the client still sends).",
         ("state",),
     )
-    for state in ("idle", "reading", "busy"):
+    for state in ("idle", "reading", "busy", "lingering"):
         connections.add((state,), gauges[state])
     yield connections
     awaiting = Family(
@@ -253,8 +254,8 @@ def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     yield awaiting
     closed = Family(
         "archeio_connections_closed", "counter", "Connections closed by the server's limits: "
-        "limit_idle, limit_slow (to make room), limit_refused (newcomer refused), header_timeout, "
-        "keepalive_timeout.",
+        "limit_lingering, limit_idle, limit_slow (to make room), limit_refused (newcomer refused), "
+        "header_timeout, keepalive_timeout, linger_timeout, linger_bytes (a lingering close cut short).",
         ("reason",),
     )
     for reason, count in sorted(_sum_maps(snaps, "connections_closed").items()):

@@ -2,10 +2,10 @@
 
 This module is pure: no I/O, no aiohttp. `Router.classify` turns a method and
 request target into either a `LocalAnswer` (something we answer ourselves:
-200 on /v2/, 404, 405, 400) or a `Route` (a registry request to redirect).
-`Router.decide` turns a route plus what the caller found out (the client's
-placement, whether the blob is in the mirror) into a `Decision`. Both are
-tested by tables.
+200 on /v2/, 404, 405, 400) or a `Route` (a registry request to redirect);
+`mirror_for`, `upstream_location` and `mirror_decision` give the pieces of
+a `Decision`. The request flow (app.py) puts them together, and the tables
+of tests/test_routing.py go through it.
 
 Why so strict about paths: a redirect must only ever point at a configured
 host under the configured path. Everything we copy from the request into a
@@ -319,20 +319,6 @@ class Router:
     def mirror_location(mirror: str, digest: str) -> Decision:
         """The redirect to a blob's copy in a mirror."""
         return Decision(mirror + "/containers/images/" + digest, MIRROR)
-
-    def decide(
-        self, route: Route, query: str, placement: Placement | None, blob_in_mirror: bool | None
-    ) -> Decision:
-        """The whole decision for a registry request, once existence is known.
-
-        `blob_in_mirror` is the existence answer for the client's mirror, or
-        None where no check was made.
-        """
-        if route.kind == BLOB and route.digest is not None and blob_in_mirror:
-            mirror = self.mirror_for(placement)
-            if mirror is not None:
-                return self.mirror_decision(route, mirror)
-        return self.upstream_location(route, query)
 
     def mirror_decision(self, route: Route, mirror: str) -> Decision:
         """The redirect of a blob route to `mirror`, the same object while remembered.

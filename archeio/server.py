@@ -41,22 +41,6 @@ log = logging.getLogger("archeio")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def make_cache(
-    settings: Settings, on_check: Callable[[str, str, float], None] | None = None
-) -> BlobExistenceCache:
-    return BlobExistenceCache(
-        hit_ttl=settings.cache_hit_ttl,
-        miss_ttl=settings.cache_miss_ttl,
-        error_ttl=settings.cache_error_ttl,
-        size=settings.cache_size,
-        head_timeout=settings.head_timeout,
-        head_concurrency=settings.head_concurrency,
-        breaker_failures=settings.breaker_failures,
-        breaker_cooldown=settings.breaker_cooldown,
-        on_check=on_check,
-    )
-
-
 class Server:
     """One serving process: the public port and its housekeeping.
 
@@ -112,7 +96,7 @@ class Server:
         # fails start-up with nothing left open.
         sock = sock or bind(settings)
         latency = CheckLatency()
-        cache = make_cache(settings, latency.on_check)
+        cache = BlobExistenceCache.from_settings(settings, latency.on_check)
         await cache.start()
         self.flow = flow = RequestFlow(settings, index, cache)
         self.engine = engine = make_engine(settings.http, flow, settings, loop)

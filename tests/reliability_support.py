@@ -1,14 +1,17 @@
 """Shared parts of the reliability tests: a misbehaving mirror, servers, raw HTTP.
 
-Used by tests/test_hostile_*.py, tests/test_failing_mirrors.py and
-tests/test_abuse.py (and the benchmarks import nothing from here: they use
-the server only through its command line and HTTP).
+Used by tests/test_hostile_*.py, tests/test_failing_mirrors.py,
+tests/test_abuse.py and tests/nginx_reference.py (and the benchmarks import
+nothing from here: they use the server only through its command line and
+HTTP).
 
 - `FakeMirror` is a blob bucket on loopback whose behaviour a test changes
   while the server runs: answer, hang, reset the connection, return a
   status, answer slowly, or hold every HEAD until a gate opens. It counts
   the HEADs it gets per path (mirror + digest) and how many were in
-  flight at once.
+  flight at once. With `redirect` set it answers a found digest with a
+  307 to its own URL, as archeio does, so it can stand behind nginx for a
+  request that waits (tests/nginx_reference.py).
 - `running_server` runs the real `Server` in the test's event loop, so a
   test can look at its breaker and cache; `ServerProcess` runs
   `archeio serve` as a subprocess, for signals and for synchronous
@@ -63,7 +66,7 @@ LOAD_BALANCER = "127.0.0.1"
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close() sends RST
 
 # Statuses the public port may answer with; anything else is a defect.
-DEFINED_STATUSES = frozenset({200, 307, 400, 404, 405, 408, 414, 431})
+DEFINED_STATUSES = frozenset({200, 307, 400, 404, 405, 408, 413, 414, 431})
 
 # Characters a correctly percent-encoded URL may hold (RFC 3986), with
 # every '%' starting an escape of two hex digits.
@@ -122,6 +125,8 @@ class FakeMirror:
         self.status = 500
         self.delay = 0.0
         self.present: set[str] = set()
+        # Answer a found digest 307 to <url>/containers/images/<digest> rather than 200.
+        self.redirect = False
         self.heads: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -179,8 +184,12 @@ class FakeMirror:
                 status = self.status
             else:
                 status = 200 if name in self.present else 404
+            location = b""
+            if self.redirect and status == 200:
+                status = 307
+                location = f"Location: {self.url}/containers/images/{name}\r\n".encode()
             if conn.transport is not None and not conn.transport.is_closing():
-                conn.transport.write(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % status)
+                conn.transport.write(b"HTTP/1.1 %d X\r\n%sContent-Length: 0\r\n\r\n" % (status, location))
         finally:
             self.in_flight -= 1
 

@@ -178,9 +178,14 @@ async def test_header_deadline_closes_slow_connections(tmp_path: Path, prefix: b
                 await client.send(b"a")
         results = await asyncio.gather(*(closed_by_server(c) for c in clients))
         assert all(results)
-        assert server.engine is not None and not server.engine.tracker.open
+        assert server.engine is not None
+        tracker = server.engine.tracker
+        # A byte of garbage on an idle connection is a malformed request: its
+        # 400 is answered and that connection lingers until its client closes.
+        assert tracker.gauges()["open"] == tracker.gauges()["lingering"]
         for client in clients:
             await client.close()
+        await wait_until(lambda: not tracker.open, "every connection to end once its client closed")
 
 
 async def test_connection_limit_closes_longest_idle_connection_for_a_new_client(tmp_path: Path) -> None:

@@ -96,6 +96,16 @@ _examples = settings(
 )
 
 version = st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0"])
+# Host lines (RFC 9112 3.2): mostly one good one; none, two, or values that
+# are not `host [":" port]` must get 400 from both engines.
+host_value = st.one_of(
+    st.sampled_from(["registry.test", "registry.test:443", "127.0.0.1", "[::1]:8080", "", "[v1.x]"]),
+    st.text(alphabet="az09.-:[]@/%_~! ", max_size=16),
+)
+host_lines = st.one_of(
+    st.just(["registry.test"]), st.just(["registry.test"]), st.just(["registry.test"]),
+    st.lists(host_value, max_size=2),
+)
 extra_header = st.sampled_from([
     None, None, None, "Content-Length: 0", "Accept: */*", "User-Agent: containerd/1.7",
     "X-Cloud-Trace-Context: 105445aa7843bc8bf206b12000100000/1;o=1", "Connection: keep-alive",
@@ -104,13 +114,13 @@ extra_header = st.sampled_from([
 
 @_examples
 @given(method=method, path=path, query=query, lines=st.lists(forwarded, max_size=3),
-       version=version, extra=extra_header)
+       version=version, extra=extra_header, hosts=host_lines)
 def test_both_engines_answer_any_request_alike(
     servers: tuple[ServerProcess, ServerProcess], method: str, path: str, query: str,
-    lines: list[str | None], version: str, extra: str | None,
+    lines: list[str | None], version: str, extra: str | None, hosts: list[str],
 ) -> None:
     target = path + ("?" + query if query else "")
-    headers = ["Host: registry.test"]
+    headers = [f"Host: {host}" for host in hosts]
     headers += [f"X-Forwarded-For: {line}" for line in lines if line is not None]
     if extra is not None:
         headers.append(extra)

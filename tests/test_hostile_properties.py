@@ -1,7 +1,7 @@
 """Property tests: for any request, a defined answer and only configured redirects.
 
 Two levels, the same strategies:
-- the pure decision (`Router.classify`/`decide`, `RequestFlow.respond`, the
+- the pure decision (`Router.classify`, `RequestFlow.respond`/`decide_checked`, the
   range index and the X-Forwarded-For rule), cheap enough for many
   thousands of examples;
 - real HTTP against an `archeio serve` process, raw bytes over a socket,
@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 from archeio.app import PendingCheck, RequestFlow
 from archeio.clientip import client_ip
 from archeio.config import Settings
+from archeio.existence import BlobExistenceCache
 from archeio.http.httptools_impl import KEEP, Wire
-from archeio.routing import LocalAnswer, Route, Router
-from archeio.server import make_cache
+from archeio.routing import LocalAnswer, Route
 from iprange import AWS, GCP, CloudIndex, InvalidAddress, Placement, load_index
 
 from .reliability_support import (
@@ -162,17 +162,23 @@ PLACEMENTS = [None, Placement(AWS, "eu-west-3"), Placement(AWS, "us-east-1"), Pl
 @given(method=method, path=path, query=query, placement=st.sampled_from(PLACEMENTS),
        found=st.sampled_from([True, False, None]))
 def test_router_answers_defined_status_and_redirects_only_to_configured_bases(
-    configured: Settings, method: str, path: str, query: str, placement: Placement | None, found: bool | None
+    configured: Settings, index: CloudIndex, method: str, path: str, query: str, placement: Placement | None,
+    found: bool | None,
 ) -> None:
-    router = Router(configured)
-    result = router.classify(method, path)
+    flow = RequestFlow(configured, index, BlobExistenceCache.from_settings(configured))
+    result = flow.router.classify(method, path)
     if isinstance(result, LocalAnswer):
         assert result.status in DEFINED_STATUSES
         if result.location is not None:
             assert location_problem(result.location, configured) is None
         return
     assert isinstance(result, Route)
-    decision = router.decide(result, query, placement, found)
+    mirror = flow.router.mirror_for(placement)
+    if result.digest is not None and mirror is not None and found is not None:
+        pending = PendingCheck(method, path, query, result, placement, mirror, None)
+        decision = flow.decide_checked(pending, found)
+    else:
+        decision = flow.router.upstream_location(result, query)
     problem = location_problem(decision.location, configured)
     assert problem is None, f"{problem}: {decision.location!r}"
     decision.location.encode("ascii")
@@ -187,10 +193,10 @@ def test_flow_decision_renders_as_well_framed_response_for_any_request(
 ) -> None:
     # The whole synchronous flow, X-Forwarded-For included, without sockets;
     # a blob needing a check is finished with either existence answer.
-    flow = RequestFlow(configured, index, make_cache(configured))
+    flow = RequestFlow(configured, index, BlobExistenceCache.from_settings(configured))
     outcome = flow.respond(method, path, query, forwarded, peer)
     if isinstance(outcome, PendingCheck):
-        outcome = flow.router.decide(outcome.route, query, outcome.placement, found)
+        outcome = flow.decide_checked(outcome, found)
     wire = Wire()
     if isinstance(outcome, LocalAnswer):
         rendered = wire.answer(outcome, method == "HEAD", KEEP)

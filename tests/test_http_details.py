@@ -165,7 +165,7 @@ async def test_gauges_tell_connections_mid_request_from_requests_awaiting_a_chec
             return dict(server.exporter.snapshot()["connections"])
 
         await wait_until(lambda: gauges()["reading"] == 5, "five connections mid-request")
-        assert gauges() == {"open": 6, "idle": 0, "reading": 5, "busy": 1, "awaiting_check": 1}
+        assert gauges() == {"open": 6, "idle": 0, "reading": 5, "lingering": 0, "busy": 1, "awaiting_check": 1}
         mirror.release()
         assert (await waiting.read_response()).status == 307
         await wait_until(lambda: gauges()["awaiting_check"] == 0, "the check to end")
@@ -241,12 +241,12 @@ async def test_aiohttp_engine_handler_answers_through_pytest_aiohttp_fixtures(
     # The aiohttp engine's handler on pytest-aiohttp's own raw server: the
     # flow's decisions as aiohttp renders them, without our connection wrapper.
     from archeio.app import RequestFlow
+    from archeio.existence import BlobExistenceCache
     from archeio.http.aiohttp_impl import AiohttpEngine
-    from archeio.server import make_cache
     from iprange import load_index
 
     settings = settings_from(server_env("http://127.0.0.1:1/bucket", "http://127.0.0.1:1/cdn", tmp_path))
-    flow = RequestFlow(settings, load_index(settings.ranges_dir), make_cache(settings))
+    flow = RequestFlow(settings, load_index(settings.ranges_dir), BlobExistenceCache.from_settings(settings))
     handler = AiohttpEngine(flow, settings, asyncio.get_running_loop())._handle
     client = await aiohttp_client(await aiohttp_raw_server(handler))
     manifest = await client.get("/v2/pause/manifests/1", allow_redirects=False)

@@ -68,7 +68,7 @@ def _worker(name: str, mirror_hits: int, hit_seconds: float) -> Snapshot:
         "check_seconds": {"hit": hit_seconds},
         "cache": {"hits": 1, "misses": 0},
         "breakers": {"http://m": "closed"},
-        "connections": {"open": 3, "idle": 1, "reading": 1, "busy": 1, "awaiting_check": 1},
+        "connections": {"open": 3, "idle": 1, "reading": 1, "lingering": 0, "busy": 1, "awaiting_check": 1},
         "connections_closed": {"header_timeout": 2},
         "ranges": {"AWS": {"prefixes": 10, "serial": "s", "published": 0.0, "loaded": 5.0}},
         "reloads": [["AWS", "loaded", 1]],

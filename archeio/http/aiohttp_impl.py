@@ -5,24 +5,36 @@ prefer it to our own protocol (`--http aiohttp`), and a second, independent
 implementation the tests compare the lean engine with. The flow is our
 router, so no `web.Application` router sits in between: one handler turns
 each request into `RequestFlow.respond` arguments and the decision into a
-`web.Response`; aiohttp renders the wire format (status line, Date,
-keep-alive) itself.
+`web.Response`; aiohttp parses, queues pipelined requests and renders the
+wire format (status line, Date, keep-alive) itself.
 
 aiohttp honours some settings on its own, and answers differently at their
 edges (the settings table says which): the request target (its
 `max_line_size` bounds the target, as ours does, but answers 400 rather
 than 414), header size (each name and value, 400 rather than 431),
 keep-alive and pipelining (it pauses reading at 32 queued requests,
-aiohttp 3.14). It has no connection limit and no header deadline: each
-connection is wrapped in `_TrackedConnection`, which forwards every event
-to aiohttp's own connection handler and reports its state to the same
-`ConnectionTracker` the lean engine uses, without patching aiohttp. The
-state changes come from the transport (data arrives), our handler (a
-request is accepted) and aiohttp's access-logger hook, which it calls once
-per response sent, refusals included; that hook also counts the refusals.
-The wrapper also hands aiohttp pipelined input one request head at a time,
-so that a malformed request cannot cost the valid ones before it their
-answers (see `_TrackedConnection.data_received`).
+aiohttp 3.14). It has no connection limit, no header deadline and no
+lingering close, and it closes on a client's FIN. So each connection runs
+through `_TrackedConnection`, which stands between aiohttp's connection
+handler and the socket, without patching aiohttp:
+
+- to the socket's transport it is the protocol: it forwards every event to
+  aiohttp's handler and reports the connection's state to the same
+  `ConnectionTracker` the lean engine uses. A connection is BUSY while
+  aiohttp holds a request it parsed and has not answered (its count of
+  parsed requests against the answers its access-logger hook reports), so
+  requests aiohttp has queued are never taken for an idle connection;
+- to aiohttp's handler it is the transport: writes go through, and a
+  `close()` becomes our lingering close (connections.py, `Lingering`);
+- a FIN from the client keeps our side open until every request received
+  before it is answered;
+- it hands aiohttp pipelined input one request head at a time, so that a
+  malformed request cannot cost the valid ones before it their answers
+  (see `data_received`).
+
+Reading aiohttp's count of parsed requests (`RequestHandler._request_count`)
+is the one place we rely on a private attribute; aiohttp is pinned to 3.14
+and the tests of queued requests fail if it changes.
 """
 
 from __future__ import annotations
@@ -33,9 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..routing import Decision, LocalAnswer
-from .connections import BUSY, IDLE, ConnectionTracker
+from .answers import ERRORS, UNAVAILABLE
+from .connections import IDLE, ConnectionTracker, Lingering
+from .hosts import valid_host
 
 if TYPE_CHECKING:
     from ..app import RequestFlow
@@ -43,39 +58,54 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("archeio.http")
 
-# Marks a request that reached our handler (aiohttp's refusals never do).
-_ROUTED = web.RequestKey("archeio_routed", bool)
+
+class _Answer(web.Response):
+    """A response of our handler (aiohttp's own refusals are plain `web.Response`s)."""
 
 
 class _TrackedConnection(asyncio.Protocol):
-    """aiohttp's connection handler, with its state reported to the tracker."""
+    """One client connection: the socket's protocol, and the transport aiohttp's handler sees."""
 
-    __slots__ = ("state", "last_active", "engine", "inner", "transport", "more", "made")
+    __slots__ = ("state", "last_active", "engine", "tracker", "inner", "transport", "answered", "partial", "eof",
+                 "closing", "linger", "suspect", "made")
 
     def __init__(self, engine: AiohttpEngine) -> None:
         self.state = IDLE
         self.last_active = 0.0
         self.engine = engine
+        self.tracker = engine.tracker
         self.inner = engine.server()
-        self.transport: asyncio.BaseTransport | None = None
-        self.more = False  # data arrived while a request was being handled
+        self.transport: asyncio.Transport | None = None
+        self.answered = 0  # responses aiohttp has sent on this connection
+        self.partial = False  # input has arrived that is not yet a whole request
+        self.eof = False  # the client shut its sending side
+        self.closing = False  # aiohttp asked to close
+        self.linger: Lingering | None = None
+        # The client may still be sending: it pipelined, or a request was
+        # refused. Closing then lingers; otherwise it closes at once (as
+        # nginx's lingering_close "on" decides).
+        self.suspect = False
         self.made = False
 
+    # -- the socket's side ---------------------------------------------------------
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        if not self.engine.tracker.admit(self):
+        self.transport = transport  # type: ignore[assignment]
+        if not self.tracker.admit(self):
             transport.close()
             self.transport = None
             return
         self.made = True
-        self.engine.connections[self.inner] = self
-        self.inner.connection_made(transport)
+        self.inner.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.state == IDLE:
-            self.engine.tracker.reading(self)
-        elif self.state == BUSY:
-            self.more = True
+        if self.linger is not None:
+            self.linger.received(len(data))
+            return
+        if self.closing:
+            return
+        inner = self.inner
+        parsed = inner._request_count
         # aiohttp parses a whole read at once and, if any of it is malformed,
         # replaces every request parsed from that read with its one 400:
         # valid requests before the bad one would lose their answers. Handed
@@ -83,21 +113,35 @@ class _TrackedConnection(asyncio.Protocol):
         # each valid request before it meets the bad one.
         end = data.find(b"\r\n\r\n") + 4
         if 3 < end < len(data):
-            inner = self.inner
+            self.suspect = True  # more than a request in one read: a pipelining client
             start = 0
             while 3 < end < len(data):
                 inner.data_received(data[start:end])
                 start, end = end, data.find(b"\r\n\r\n", end) + 4
+            parsed_before_last = inner._request_count
             inner.data_received(data[start:])
+            self.partial = inner._request_count == parsed_before_last
         else:
-            self.inner.data_received(data)
+            inner.data_received(data)
+            self.partial = inner._request_count == parsed
+        if self.transport is None:
+            return
+        if inner._request_count > self.answered:
+            self.tracker.accepted(self)
+        elif self.state == IDLE and self.partial:
+            self.tracker.reading(self)
 
-    def eof_received(self) -> None:
-        self.inner.eof_received()
+    def eof_received(self) -> bool | None:
+        if self.linger is not None:
+            self.linger.close()  # it has read its answers and closes: so do we
+            return None
+        self.eof = True
+        if self.inner._request_count > self.answered:
+            return True  # answers are owed: keep our sending side open for them
+        return None  # nothing owed: the transport closes, and aiohttp hears of it
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.engine.tracker.remove(self)
-        self.engine.connections.pop(self.inner, None)
+        self.tracker.remove(self)
         self.transport = None
         if self.made:
             self.inner.connection_lost(exc)
@@ -108,11 +152,112 @@ class _TrackedConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.inner.resume_writing()
 
+    def sent(self, body_pending: bool, refused: bool) -> None:
+        """aiohttp has handed a response to the transport; `body_pending`: its request's body is not all here."""
+        self.answered += 1
+        if refused or body_pending:
+            self.suspect = True
+        if self.transport is None or self.linger is not None:
+            return
+        if self.inner._request_count > self.answered:
+            return  # still BUSY: more parsed requests wait for their answers
+        if self.eof:
+            self._end(linger=False)  # half-closed and all answered: the end
+        else:
+            # A body still arriving keeps the header deadline running, as a head does.
+            self.tracker.answered(self, self.partial or body_pending)
+
+    # -- the tracker's side -----------------------------------------------------------
+
     def close_now(self, reason: str) -> None:
+        self.linger = None
         if self.transport is not None:
             log.debug("closing connection: %s", reason)
             self.transport.close()
-        self.engine.tracker.remove(self)
+        self.tracker.remove(self)
+
+    def finish(self) -> None:
+        """Close gracefully, everything owed handed over (the tracker's call at shutdown).
+
+        It lingers: the client of a kept-alive connection may be sending a
+        request at this very moment.
+        """
+        self._end(linger=True)
+
+    def _end(self, linger: bool) -> None:
+        transport = self.transport
+        if transport is None or self.linger is not None:
+            return
+        self.closing = True
+        if linger and not self.eof:
+            self.linger = Lingering(self, self.tracker, transport)
+        else:  # nothing more is coming: it shut its side, or sent one last request and waits
+            self.tracker.remove(self)
+            transport.close()
+
+    # -- aiohttp's side: the transport it writes to -----------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        if self.transport is not None:
+            self.transport.writelines(lines)
+
+    def is_closing(self) -> bool:
+        return self.closing or self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        """aiohttp closes the connection: after its last answer, or on an error."""
+        if not self.closing:
+            self._end(linger=self.suspect or self.partial or self.inner._request_count > self.answered)
+
+    def abort(self) -> None:
+        self.closing = True
+        self.close_now("aborted by aiohttp")
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default) if self.transport is not None else default
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and self.linger is None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.linger is None and not self.eof:
+            self.transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.transport is not None and self.transport.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self.transport is not None:
+            self.transport.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return False  # ours to do, when closing
+
+
+class _ClientErrors(logging.Filter):
+    """Drops aiohttp's error log of a request it could not parse: the client's fault, not ours.
+
+    aiohttp logs each one at ERROR with a traceback (only a first bad method
+    at DEBUG); on a port open to the internet that is a flood of noise. Each
+    is still answered 400 and counted (`archeio_requests{kind="http"}`), as
+    the lean engine counts its refusals without logging them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+_server_log = logging.getLogger("archeio.http.aiohttp")
+_server_log.addFilter(_ClientErrors())
 
 
 def _access_hook(engine: AiohttpEngine) -> type[AbstractAccessLogger]:
@@ -141,27 +286,29 @@ class AiohttpEngine:
         self.server = web.Server(
             self._handle,
             keepalive_timeout=settings.keepalive_timeout,
+            # How long aiohttp waits for the rest of a body its handler did not
+            # read (10 s by its default): a body has the header deadline, as a head.
+            lingering_time=settings.header_timeout,
             max_line_size=settings.max_request_line,
             max_field_size=settings.max_header_bytes,
             access_log_class=_access_hook(self),
-            access_log=logging.getLogger("archeio.http.aiohttp"),
+            access_log=_server_log,
+            logger=_server_log,
         )
-        # aiohttp's connection handler -> our wrapper of it.
-        self.connections: dict[Any, _TrackedConnection] = {}
-        # Handlers waiting for an existence check: shutdown waits for them
-        # even when their client has gone (aiohttp then forgets them).
-        self._checks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, sock: Any) -> None:
         self._server = await self.loop.create_server(lambda: _TrackedConnection(self), sock=sock)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        request[_ROUTED] = True
-        conn = self.connections.get(request.protocol)
-        if conn is not None:
-            conn.more = False
-            self.tracker.accepted(conn)
+        flow = self.flow
+        host = request.headers.get("Host")
+        if (host is None and request.version >= (1, 1)) or (host is not None and not valid_host(host)):
+            # RFC 9112 3.2; aiohttp itself refuses a second Host line.
+            flow.refused(400)
+            response = _local_response(ERRORS[400])
+            response.force_close()
+            return response
         target = request.raw_path
         if not target.isascii():
             # aiohttp decodes the target as UTF-8 with surrogate escapes; the
@@ -177,31 +324,49 @@ class AiohttpEngine:
             if not forwarded.isascii():  # as the target: raw bytes as latin-1 characters
                 forwarded = forwarded.encode("utf-8", "surrogateescape").decode("latin-1")
         trace = headers.get("X-Cloud-Trace-Context")
-        outcome = self.flow.respond(
-            request.method, path, query, forwarded, request.remote,
-            trace.encode("utf-8", "surrogateescape") if trace else None,
-        )
-        if type(outcome) is Decision:
-            return _redirect(outcome.location)
-        if type(outcome) is LocalAnswer:
-            return _local_response(outcome)
+        try:
+            outcome = flow.respond(
+                request.method, path, query, forwarded, request.remote,
+                trace.encode("utf-8", "surrogateescape") if trace else None,
+            )
+            if type(outcome) is Decision:
+                response = _redirect(outcome.location)
+            elif type(outcome) is LocalAnswer:
+                response = _local_response(outcome)
+            else:
+                response = await self._after_check(request, outcome)
+        except Exception:  # a bug, never the client's fault: log it, answer 503 (as httptools_impl)
+            log.exception("request flow failed unexpectedly")
+            flow.refused(503)
+            response = _local_response(UNAVAILABLE)
+        if self.tracker.closing:
+            conn = request.transport
+            # Shutting down: the last request aiohttp holds is answered with
+            # `Connection: close` (aiohttp would drop the ones queued after it).
+            if type(conn) is not _TrackedConnection or conn.inner._request_count <= conn.answered + 1:
+                response.force_close()
+        return response
+
+    async def _after_check(self, request: web.BaseRequest, pending: Any) -> web.Response:
         task = asyncio.current_task()
         assert task is not None
-        self._checks.add(task)
+        self.tracker.track(task)
         self.tracker.awaiting_check += 1
         try:
-            decision = await self.flow.respond_after_check(outcome)  # type: ignore[arg-type]
+            decision = await self.flow.respond_after_check(pending)
         finally:
             self.tracker.awaiting_check -= 1
-            self._checks.discard(task)
+        if request.transport is not None:  # else the client has gone: nothing handed over, nothing counted
+            self.flow.delivered(pending, decision)
         return _redirect(decision.location)
 
     def response_sent(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        if request.get(_ROUTED) is None:
+        refused = type(response) is not _Answer or response.status == 400
+        if type(response) is not _Answer:
             self.flow.refused(response.status)
-        conn = self.connections.get(request.protocol)
-        if conn is not None and conn.transport is not None:
-            self.tracker.answered(conn, conn.more)
+        conn = request.transport
+        if type(conn) is _TrackedConnection:
+            conn.sent(not request.content.is_eof(), refused)
 
     def tick(self) -> None:
         self.tracker.sweep()
@@ -212,17 +377,12 @@ class AiohttpEngine:
 
     async def shutdown(self, grace: float) -> None:
         """Idle connections close now; the others get `grace` seconds for their answers."""
-        deadline = await self.tracker.drain(grace, self._checks)
-        await self.server.shutdown(max(0.0, deadline - self.loop.time()))
-        self.tracker.close_all("grace period over")
-        for task in list(self._checks):
-            task.cancel()
-        await asyncio.gather(*self._checks, return_exceptions=True)
+        await self.tracker.shutdown(grace, self.server.shutdown)
 
 
 def _redirect(location: str) -> web.Response:
     # Content-Length said explicitly: aiohttp leaves it out of a bodiless HEAD answer.
-    return web.Response(status=307, headers={"Location": location, "Content-Length": "0"})
+    return _Answer(status=307, headers={"Location": location, "Content-Length": "0"})
 
 
 def _local_response(answer: LocalAnswer) -> web.Response:
@@ -232,4 +392,4 @@ def _local_response(answer: LocalAnswer) -> web.Response:
         headers["Location"] = answer.location
     if answer.content_type is not None:
         headers["Content-Type"] = answer.content_type
-    return web.Response(status=answer.status, body=answer.body, headers=headers)
+    return _Answer(status=answer.status, body=answer.body, headers=headers)

@@ -13,20 +13,35 @@ Guarantees kept here (docs/reliability.md lists the tests):
   connection: requests parsed behind one that waits for a check are queued;
   a malformed request, an oversized one or bytes after a `Connection:
   close` request end the input, and the error answer (if any) is sent after
-  every answer owed before it, then the connection closes.
+  every answer owed before it.
+- A connection we end closes in stages (connections.py, `Lingering`): our
+  FIN follows the last answer owed, then what the client still sends is
+  read and discarded for a bounded time and amount, so no reset destroys
+  answers it has not read yet.
+- A client's FIN ends only its sending: every request received before it
+  is answered, in order, then the connection closes.
 - Nothing is buffered without limit: input is fed to the parser in slices
   of `SLICE` bytes; once `MAX_QUEUED` requests wait, reading pauses and the
   rest of the read is held until the queue drains (as aiohttp pauses).
 - One client cannot hold the loop: at most `BUDGET` answers are given per
   turn of the event loop, then the connection yields.
 - A request target over `max_request_line` bytes gets 414, headers over
-  `max_header_bytes` 431 (counted exactly per header; an unfinished head is
-  cut once its bytes, counted from the slice it began in, pass both limits
-  plus one slice, so complete requests before it never count), anything
-  unparseable 400.
+  `max_header_bytes` 431 (counted exactly per header). A request in
+  progress, its head, body and trailers together, may hold at most both
+  limits plus the slice it began in (counted from that slice, so complete
+  requests before it never count): past that, 431 while in its head, 413
+  in its body. httptools keeps an unfinished header or trailer value in its
+  parser, so the protocol counts these bytes itself as they are fed.
+  Anything unparseable gets 400. Trailer fields are never read as header
+  fields (RFC 9110 6.5.1).
+- An HTTP/1.1 request without a `Host` header, with two, or with a value
+  that is not a URI host and port, gets 400 (RFC 9112 3.2, hosts.py).
 - `Expect: 100-continue` and `Upgrade` requests are answered at once, as
   plain HTTP/1.1 with `Connection: close`, and the connection closes after.
-- Deadlines and the connection limit: connections.py.
+- An unexpected exception in the request flow or an existence check is
+  logged and answered 503 UNAVAILABLE, counted, as on the aiohttp engine.
+- Deadlines (the header deadline covers every request's head and body) and
+  the connection limit: connections.py.
 """
 
 from __future__ import annotations
@@ -39,8 +54,11 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from ..routing import Decision, LocalAnswer, oci_error
-from .connections import BUSY, IDLE, ConnectionTracker
+from ..routing import Decision, LocalAnswer
+from .answers import ERRORS, UNAVAILABLE, reason
+from .connections import BUSY, IDLE, ConnectionTracker, Lingering
+from .hosts import GOOD as _GOOD_HOSTS
+from .hosts import valid_host
 
 if TYPE_CHECKING:
     from ..app import PendingCheck, RequestFlow
@@ -53,6 +71,7 @@ _XFF = b"x-forwarded-for"
 _TRACE = b"x-cloud-trace-context"
 _EXPECT = b"expect"
 _CONNECTION = b"connection"
+_HOST = b"host"
 
 # Bytes fed to the parser at a time: the granularity of pausing, and the
 # slack of the unfinished-head limit.
@@ -77,24 +96,9 @@ _CONNECTION_LINES = (b"", b"Connection: keep-alive\r\n", b"Connection: close\r\n
 _KEEP_ALIVE_HEADER = 1  # Connection: keep-alive (matters for HTTP/1.0)
 _EXPECT_HEADER = 2  # Expect: (100-continue)
 _ANSWERED_EARLY = 4  # answered at its headers (Expect, Upgrade): nothing at its end
+_HOST_HEADER = 8  # Host: (an HTTP/1.1 request needs exactly one, RFC 9112 3.2)
+_IN_BODY = 16  # the head is complete: fields now are trailers
 
-REASONS = {
-    200: b"OK",
-    307: b"Temporary Redirect",
-    400: b"Bad Request",
-    404: b"Not Found",
-    405: b"Method Not Allowed",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
-
-ERRORS: dict[int, LocalAnswer] = {
-    400: oci_error(400, "UNSUPPORTED", "malformed HTTP request"),
-    414: oci_error(414, "UNSUPPORTED", "request target too long"),
-    431: oci_error(431, "UNSUPPORTED", "request headers too large"),
-}
-UNAVAILABLE = oci_error(503, "UNAVAILABLE", "internal error, try again")
 
 
 class _StopParsing(Exception):
@@ -158,7 +162,7 @@ class Wire:
 
 
 def _head_lines(answer: LocalAnswer) -> bytes:
-    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, REASONS.get(answer.status, b"Unknown"))]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, reason(answer.status).encode())]
     if answer.location is not None:
         lines.append(b"Location: " + answer.location.encode("ascii") + b"\r\n")
     if answer.content_type is not None:
@@ -179,10 +183,10 @@ class HttpToolsProtocol(asyncio.Protocol):
     __slots__ = (
         "state", "last_active", "_engine", "_flow", "_tracker", "_wire", "_targets", "_loop", "_transport",
         "_parser", "_peer",
-        "_url", "_forwarded", "_trace", "_flags", "_header_bytes",
-        "_head_began_at", "_fed", "_fed_before", "_too_large", "_queue", "_waiting",
-        "_input_closed", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
-        "_writing_paused", "_out", "_close_after_flush",
+        "_url", "_forwarded", "_trace", "_flags", "_header_bytes", "_refusal",
+        "_began_at", "_fed", "_fed_before", "_queue", "_waiting",
+        "_input_closed", "_eof", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
+        "_writing_paused", "_out", "_close_after_flush", "_linger_close", "_linger",
     )
 
     def __init__(self, engine: HttpToolsEngine) -> None:
@@ -201,18 +205,19 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._url = b""
         self._forwarded: bytes | None = None
         self._trace: bytes | None = None
-        self._flags = 0  # _KEEP_ALIVE_HEADER, _EXPECT_HEADER, _ANSWERED_EARLY
+        self._flags = 0  # _KEEP_ALIVE_HEADER, _EXPECT_HEADER, _ANSWERED_EARLY, _HOST_HEADER, _IN_BODY
         self._header_bytes = 0
-        # Input bytes fed before the slice in which the unfinished head
-        # began; -1 while no head is in progress.
-        self._head_began_at = -1
+        self._refusal = 0  # the status of a refusal decided inside a parser callback
+        # Input bytes fed before the slice in which the request in progress
+        # began; -1 while no request is in progress.
+        self._began_at = -1
         self._fed = 0
         self._fed_before = 0
-        self._too_large = 0
         # Answering, in order.
         self._queue: deque[_Request | int] = deque()  # an int: the final error answer
         self._waiting = False  # the request at the head of the line awaits a check
-        self._input_closed = False
+        self._input_closed = False  # no more requests are read (close decided, error, upgrade)
+        self._eof = False  # the client shut its sending side: answer what came, then close
         self._backlog = b""  # input held back while the queue is full
         self._answered = 0  # answers given this turn
         self._turn_scheduled = False
@@ -220,6 +225,11 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._out: list[bytes] = []
         self._close_after_flush = False
+        # Close by lingering, not at once: the client may still be sending (it
+        # pipelined, sent bytes after the request that closes, or the input
+        # ended in an error). As nginx's lingering_close "on" decides.
+        self._linger_close = False
+        self._linger: Lingering | None = None
 
     # -- connection lifecycle ----------------------------------------------------
 
@@ -238,16 +248,38 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._queue.clear()
         self._backlog = b""
 
+    def eof_received(self) -> bool | None:
+        """The client shut its sending side (a half-close): answer what it sent, then close."""
+        if self._linger is not None:
+            self._linger.close()  # it has read its answers and closes: so do we
+            return None
+        self._eof = True
+        if self._transport is not None and (self._queue or self._waiting or self._backlog):
+            return True  # answers are owed: keep our sending side open for them
+        return None  # nothing owed: the transport closes
+
     def close_now(self, reason: str) -> None:
-        """Close after sending what is already rendered (the tracker's call)."""
+        """Close at once, after what is already rendered (the tracker's call)."""
+        linger, self._linger = self._linger, None
+        if linger is not None:
+            linger.transport.close()
         transport = self._transport
         if transport is not None:
             log.debug("closing connection from %s: %s", self._peer, reason)
             self._input_closed = True
-            self._flush()
+            out = self._out
+            if out:
+                transport.write(b"".join(out))
+                out.clear()
             transport.close()
             self._transport = None
         self._tracker.remove(self)
+
+    def finish(self) -> None:
+        """Close gracefully once what is rendered is sent (the tracker's call at shutdown)."""
+        self._input_closed = True
+        self._close_after_flush = self._linger_close = True
+        self._flush()
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: stop reading its requests.
@@ -262,7 +294,13 @@ class HttpToolsProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._input_closed:
-            return  # after a close, an error or an upgrade: nothing more is read
+            # After a close, an error or an upgrade nothing more is read; while
+            # lingering, the bytes are counted against its bound.
+            if self._linger is not None:
+                self._linger.received(len(data))
+            else:
+                self._linger_close = True  # it sends on after its last request
+            return
         if self._backlog:
             self._backlog += data
             return
@@ -302,22 +340,22 @@ class HttpToolsProtocol(asyncio.Protocol):
             pass  # the upgrade request was answered with Connection: close
         except httptools.HttpParserError:
             if not self._input_closed:  # bytes after `Connection: close` are ignored
-                self._refuse(self._too_large or 400)
+                self._refuse(self._refusal or 400)
             return
-        if self._head_began_at >= 0:
-            self._head_in_progress()
+        if self._began_at >= 0:
+            self._in_progress()
 
-    def _head_in_progress(self) -> None:
-        """A read ended inside a request's head: its deadline runs; it may not grow without bound."""
-        if self._fed - self._head_began_at > self._engine.max_head_bytes:
-            self._refuse(431)
+    def _in_progress(self) -> None:
+        """A read ended inside a request (head or body): its deadline runs; it may not grow without bound."""
+        if self._fed - self._began_at > self._engine.max_request_bytes:
+            self._refuse(413 if self._flags & _IN_BODY else 431)
         elif self.state == IDLE:
             self._tracker.reading(self)
 
     def _refuse(self, status: int) -> None:
         """End the input with an error answer, sent after every answer owed before it."""
-        self._input_closed = True
-        self._head_began_at = -1
+        self._input_closed = self._linger_close = True
+        self._began_at = -1
         self._backlog = b""
         self._tracker.accepted(self)
         self._queue.append(status)
@@ -328,31 +366,41 @@ class HttpToolsProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self._input_closed:
+            self._linger_close = True  # bytes after the request that closes: it may send more
             raise _StopParsing  # the rest of a read after a request answered early
         self._url = b""
         self._forwarded = self._trace = None
         self._flags = 0
         self._header_bytes = 0
-        self._head_began_at = self._fed_before
+        self._began_at = self._fed_before
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self._engine.max_request_line:
-            self._too_large = 414
+            self._refusal = 414
             raise _StopParsing
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = len(name)
         self._header_bytes += size + len(value) + 4
         if self._header_bytes > self._engine.max_header_bytes:
-            self._too_large = 431
+            self._refusal = 431
             raise _StopParsing
-        if size == 15:
-            if name.lower() == _XFF:
+        # Names are compared as clients write them first (no lower-cased copy),
+        # in any case second. A trailer field (after the head: `_IN_BODY`) is
+        # never merged into the head (RFC 9110 6.5.1): the fields we read ignore it.
+        if size == 4:
+            if name == b"Host" or name.lower() == _HOST:
+                if self._flags & (_HOST_HEADER | _IN_BODY) or value not in _GOOD_HOSTS:
+                    self._unusual_host(value)
+                else:
+                    self._flags |= _HOST_HEADER
+        elif size == 15:
+            if (name == b"X-Forwarded-For" or name.lower() == _XFF) and not self._flags & _IN_BODY:
                 # Repeated lines form one list, in order (RFC 9110 5.3).
                 self._forwarded = value if self._forwarded is None else self._forwarded + b"," + value
         elif size == 21:
-            if name.lower() == _TRACE:
+            if name.lower() == _TRACE and not self._flags & _IN_BODY:
                 self._trace = value
         elif size == 10:
             if name.lower() == _CONNECTION and b"keep-alive" in value.lower():
@@ -360,15 +408,31 @@ class HttpToolsProtocol(asyncio.Protocol):
         elif size == 6 and name.lower() == _EXPECT:
             self._flags |= _EXPECT_HEADER
 
+    def _unusual_host(self, value: bytes) -> None:
+        """A Host line that is not the first, good, known value of a head."""
+        flags = self._flags
+        if flags & _IN_BODY:
+            return  # a trailer field: ignored
+        if flags & _HOST_HEADER or not valid_host(value):
+            raise _StopParsing  # a second Host, or one that is not host[:port]: 400 (RFC 9112 3.2)
+        self._flags = flags | _HOST_HEADER
+
     def on_headers_complete(self) -> None:
-        self._head_began_at = -1  # a body, if any, has the header deadline still
-        if self._flags & _EXPECT_HEADER or self._parser.should_upgrade():
+        # The body and trailers, if any, are bounded with the head and have
+        # its deadline: the request is in progress until its end.
+        flags = self._flags = self._flags | _IN_BODY
+        if not flags & _HOST_HEADER and self._parser.get_http_version() == "1.1":
+            raise _StopParsing  # HTTP/1.1 without Host: 400 (RFC 9112 3.2)
+        if flags & _EXPECT_HEADER or self._parser.should_upgrade():
             # Answer now instead of 100 Continue or switching protocols, and
             # read no further: the body or the other protocol is not ours.
-            self._flags |= _ANSWERED_EARLY
+            self._flags = flags | _ANSWERED_EARLY
+            self._began_at = -1
+            self._linger_close = True  # its body or the other protocol may follow
             self._accept(CLOSE)
 
     def on_message_complete(self) -> None:
+        self._began_at = -1
         flags = self._flags
         if flags & _ANSWERED_EARLY:
             self._flags = 0
@@ -387,6 +451,8 @@ class HttpToolsProtocol(asyncio.Protocol):
         # that waits (queued, or for a check) makes the connection BUSY.
         if mode == CLOSE:
             self._input_closed = True
+            if self._answered or self._queue or self._waiting:
+                self._linger_close = True  # a pipelining client: more may be on its way
         method = _METHODS.get(self._parser.get_method(), "OTHER")
         if self._queue or self._waiting or self._answered >= BUDGET:
             if self.state != BUSY:
@@ -404,7 +470,12 @@ class HttpToolsProtocol(asyncio.Protocol):
         target = self._targets.get(url)
         if target is None:
             target = self._engine.split_target(url)
-        outcome = self._flow.respond(method, target[0], target[1], forwarded, self._peer, trace)
+        try:
+            outcome = self._flow.respond(method, target[0], target[1], forwarded, self._peer, trace)
+        except Exception:  # a bug, never the client's fault: log it, answer 503 (as aiohttp_impl)
+            log.exception("request flow failed unexpectedly")
+            self._flow.refused(503)
+            outcome = UNAVAILABLE
         kind = type(outcome)
         if kind is Decision:
             response = self._wire.decided(outcome, mode)  # type: ignore[arg-type]
@@ -415,7 +486,7 @@ class HttpToolsProtocol(asyncio.Protocol):
             if self.state != BUSY:
                 self._tracker.accepted(self)
             self._tracker.awaiting_check += 1
-            self._engine.track(self._loop.create_task(
+            self._tracker.track(self._loop.create_task(
                 self._answer_later(outcome, method == "HEAD", mode)  # type: ignore[arg-type]
             ))
             return
@@ -428,10 +499,10 @@ class HttpToolsProtocol(asyncio.Protocol):
             if self.state == IDLE and not tracker.closing:
                 # Idle before and after: the longest idle go first, so it
                 # goes to the back of the line, stamped with the coarse clock.
-                tracker._idle.move_to_end(self)
+                tracker.idle_to_back(self)
                 self.last_active = self._engine.now
             else:
-                tracker.answered(self, self._head_began_at >= 0)
+                tracker.answered(self, self._began_at >= 0)
 
     def _respond(self, response: bytes, mode: int) -> None:
         self._out.append(response)
@@ -439,21 +510,26 @@ class HttpToolsProtocol(asyncio.Protocol):
             self._close_after_flush = True
             self._queue.clear()
         elif not self._queue and not self._waiting:
-            self._tracker.answered(self, self._head_began_at >= 0)
+            self._tracker.answered(self, self._began_at >= 0)
 
     async def _answer_later(self, pending: PendingCheck, head: bool, mode: int) -> None:
+        flow = self._flow
+        decision: Decision | None = None
         try:
-            decision = await self._flow.respond_after_check(pending)
-            response = self._wire.decided(decision, mode)
+            decision = await flow.respond_after_check(pending)
         except Exception:  # a bug, never the client's fault: log it, answer 503
             log.exception("existence check failed unexpectedly")
-            self._flow.refused(503)
-            response = self._wire.answer(UNAVAILABLE, head, mode)
         finally:
             self._tracker.awaiting_check -= 1
             self._waiting = False
         if self._transport is None:
-            return
+            return  # the client has gone: nothing handed over, nothing counted
+        if decision is None:
+            flow.refused(503)
+            response = self._wire.answer(UNAVAILABLE, head, mode)
+        else:
+            flow.delivered(pending, decision)
+            response = self._wire.decided(decision, mode)
         self._answered = 0
         self._respond(response, mode)
         self._pump()
@@ -476,6 +552,9 @@ class HttpToolsProtocol(asyncio.Protocol):
             data, self._backlog = self._backlog, b""
             self._feed(data)
         self._flush()
+        if self._eof and not (self._queue or self._waiting or self._backlog):
+            self._close_after_flush = True  # half-closed and all answered: the end
+            self._flush()
         self._update_reading()
 
     def _drain(self) -> None:
@@ -499,13 +578,17 @@ class HttpToolsProtocol(asyncio.Protocol):
             transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
         if self._close_after_flush and transport is not None:
+            self._close_after_flush = False
             self._transport = None
-            transport.close()
-            self._tracker.remove(self)
+            if self._linger_close and not self._eof:
+                self._linger = Lingering(self, self._tracker, transport)
+            else:  # nothing more is coming: it shut its side, or sent one last request and waits
+                self._tracker.remove(self)
+                transport.close()
 
     def _update_reading(self) -> None:
         transport = self._transport
-        if transport is None:
+        if transport is None or self._eof:
             return
         want = not (
             self._input_closed or self._writing_paused or self._backlog or len(self._queue) >= MAX_QUEUED
@@ -534,8 +617,9 @@ class HttpToolsEngine:
         self.now = loop.time()
         self.max_request_line = settings.max_request_line
         self.max_header_bytes = settings.max_header_bytes
-        self.max_head_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # A request in progress (head, body and trailers together) may take
+        # the head's limits plus the slice it began in.
+        self.max_request_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
         self._server: asyncio.AbstractServer | None = None
 
     def split_target(self, url: bytes) -> tuple[str, str]:
@@ -551,11 +635,6 @@ class HttpToolsEngine:
             self.targets[url] = (path, query)
         return path, query
 
-    def track(self, task: asyncio.Task[Any]) -> None:
-        """Keep a check's task referenced until it ends, so shutdown can wait for it."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def start(self, sock: Any) -> None:
         self._server = await self.loop.create_server(lambda: HttpToolsProtocol(self), sock=sock)
 
@@ -570,8 +649,4 @@ class HttpToolsEngine:
 
     async def shutdown(self, grace: float) -> None:
         """Idle connections close now; the others get `grace` seconds for their answers."""
-        await self.tracker.drain(grace, self._tasks)
-        self.tracker.close_all("grace period over")
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tracker.shutdown(grace)

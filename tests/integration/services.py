@@ -371,14 +371,16 @@ error_log {base}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
     access_log {base}/access.log;
-    client_body_temp_path {base}/body;
-    proxy_temp_path {base}/proxy;
-    fastcgi_temp_path {base}/fastcgi;
-    uwsgi_temp_path {base}/uwsgi;
-    scgi_temp_path {base}/scgi;
+{temp_paths}
 {servers}
 }}
 """
+
+
+def nginx_temp_paths(base: Path) -> str:
+    """nginx's temporary directories, under `base` (its default ones are the system's)."""
+    kinds = {"client_body": "body", "proxy": "proxy", "fastcgi": "fastcgi", "uwsgi": "uwsgi", "scgi": "scgi"}
+    return "\n".join(f"    {kind}_temp_path {base}/{name};" for kind, name in kinds.items())
 
 _NGINX_SERVER = """\
     server {{
@@ -414,7 +416,7 @@ def nginx_proxy(
         for c, address in clients.items()
     )
     config_path = base / "nginx.conf"
-    config_path.write_text(_NGINX_CONF.format(base=base, servers=servers))
+    config_path.write_text(_NGINX_CONF.format(base=base, temp_paths=nginx_temp_paths(base), servers=servers))
     argv = [program, "-p", str(base), "-e", str(base / "error.log"), "-c", str(config_path)]
     with running(name, argv, base / "nginx.out") as process:
         urls = {c: f"http://{LOOPBACK}:{p}" for c, p in ports.items()}
