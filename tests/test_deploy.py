@@ -1,9 +1,13 @@
 """The deploy files, checked without a cluster (tests/container/ builds and runs them).
 
-- Kubernetes: every kustomize overlay rendered by kubectl 1.20's built-in
-  kustomize, alike with a current kubectl, passes `kubernetes-validate
-  --strict` (and a misspelled field must fail it, so the check is real);
-  plus what the schemas cannot know: each overlay's X-Forwarded-For trust,
+- Kubernetes: every kustomize overlay and example rendered by kubectl
+  1.20's built-in kustomize, alike with a current kubectl, passes strict
+  validation against its kinds' published schemas (`kubernetes-validate
+  --strict` for Kubernetes' own kinds, tests/crd_validate.cjs for GKE's and
+  the Gateway API's; a misspelled field must fail each, so the check is
+  real); plus what the schemas cannot know: the load balancer's health
+  check (BackendConfig, HealthCheckPolicy) on the serving port and a path
+  answering 200, attached to the Service; each overlay's X-Forwarded-For trust,
   the image named once, no `replicas:` beside the autoscaler, the memory
   arithmetic, tolerant probes, a sidecar that ends on SIGTERM, probes on
   the admin port, the hardening, a grace period covering drain and grace.
@@ -20,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -35,16 +40,21 @@ from archeio.config import SETTINGS, load_settings
 from archeio.routing import LocalAnswer, Router
 
 from .deploy_support import (
+    EXAMPLES,
     KUBERNETES,
     OLDEST_MINOR,
     OVERLAYS,
     REPO,
     by_kind,
     container,
+    custom_kinds,
     env_of,
+    kind_of,
     kubectls,
     pod_spec,
     render,
+    strict_validate,
+    validate_custom,
 )
 from .integration.services import MissingTool, wait_until
 
@@ -106,22 +116,182 @@ def test_overlay_renders_alike_with_kubectl_1_20_and_current_kustomize(
     assert all(renderings[minor] == renderings[key[0]] for minor in key), f"kubectl 1.{key} render differently"
 
 
+@pytest.fixture(scope="module")
+def examples(renderers: dict[int, str]) -> dict[str, list[dict[str, Any]]]:
+    """Each example (an overlay and its front) as kubectl 1.20 renders it."""
+    return {example: render(renderers[OLDEST_MINOR], example, "examples") for example in EXAMPLES}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rendered_overlay_passes_strict_schema_validation(
     rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path,
 ) -> None:
     docs = rendered[overlay]
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(by_kind(docs))
-    path = tmp_path / f"{overlay}.yaml"
-    path.write_text(yaml.safe_dump_all(docs))
-    result = kubernetes_validate(path)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert strict_validate(docs, tmp_path) == []
 
 
 def test_strict_validation_rejects_a_misspelled_field(tmp_path: Path) -> None:
     broken = tmp_path / "deployment.yaml"
     broken.write_text(BASE_DEPLOYMENT.read_text().replace("readinessProbe", "readynessProbe"))
     assert kubernetes_validate(broken).returncode != 0
+
+
+def test_strict_validation_refuses_a_kind_without_a_schema(tmp_path: Path) -> None:
+    # kubernetes-validate alone passes an unknown kind with a warning.
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 1}}
+    assert strict_validate([unknown], tmp_path) != []
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_renders_alike_with_kubectl_1_20_and_current_kustomize(
+    renderers: dict[int, str], example: str,
+) -> None:
+    renderings = {minor: render(path, example, "examples") for minor, path in renderers.items()}
+    assert all(docs == renderings[OLDEST_MINOR] for docs in renderings.values())
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_rendered_example_passes_strict_schema_validation(
+    examples: dict[str, list[dict[str, Any]]], example: str, tmp_path: Path,
+) -> None:
+    assert strict_validate(examples[example], tmp_path) == []
+
+
+# API groups of Kubernetes' own kinds (and kustomize's file), which kubernetes-validate knows.
+_BUILTIN_GROUPS = ("v1", "apps/", "autoscaling/", "policy/", "batch/", "networking.k8s.io/",
+                   "kustomize.config.k8s.io/")
+
+
+def _custom_documents() -> list[tuple[str, dict[str, Any]]]:
+    """(kind, document) of every custom kind written in deploy/, one document each."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        for doc in load_all(path):
+            if isinstance(doc, dict) and not str(doc.get("apiVersion", "v1")).startswith(_BUILTIN_GROUPS):
+                found.setdefault(kind_of(doc), doc)
+    return sorted(found.items())
+
+
+def _misspell(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with the first field of its spec misspelled (a trailing "x"), as a user might."""
+    spec = doc["spec"]
+    key = sorted(spec)[0]
+    spec[key + "x"] = spec.pop(key)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def misspelled() -> dict[str, list[str]]:
+    """The custom validator's verdict on each custom kind of deploy/, one field misspelled in each."""
+    broken = [_misspell(yaml.safe_load(yaml.safe_dump(doc))) for kind, doc in _custom_documents()
+              if kind in custom_kinds()]
+    failures = validate_custom(broken)
+    return {kind_of(doc): [f for f in failures if f.startswith(kind_of(doc) + " ")] for doc in broken}
+
+
+def test_every_custom_kind_in_deploy_has_a_schema() -> None:
+    kinds = {kind for kind, _ in _custom_documents()}
+    assert kinds >= {"cloud.google.com/v1 BackendConfig", "networking.gke.io/v1 HealthCheckPolicy",
+                     "gateway.networking.k8s.io/v1 Gateway", "gateway.networking.k8s.io/v1 HTTPRoute"}
+    assert kinds <= custom_kinds(), kinds - custom_kinds()
+
+
+@pytest.mark.parametrize("kind", [kind for kind, _ in _custom_documents()])
+def test_strict_validation_rejects_a_misspelled_field_of_each_custom_kind(
+    misspelled: dict[str, list[str]], kind: str,
+) -> None:
+    assert any("does not exist in type" in failure for failure in misspelled[kind]), misspelled[kind]
+
+
+# -- Kubernetes: Google's load balancer (overlay google-lb) ----------------------------
+
+
+def health_checks(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The load balancer's health check as each of BackendConfig and HealthCheckPolicy states it."""
+    found = by_kind(docs)
+    backend = found["BackendConfig"]["spec"]["healthCheck"]
+    policy = found["HealthCheckPolicy"]["spec"]["default"]
+    http = policy["config"]["httpHealthCheck"]
+    assert policy["config"]["type"] == backend["type"] == "HTTP"
+    assert http["portSpecification"] == "USE_FIXED_PORT"
+    return {
+        "BackendConfig": {key: backend[key] for key in ("requestPath", "port", "checkIntervalSec", "timeoutSec",
+                                                          "healthyThreshold", "unhealthyThreshold")},
+        "HealthCheckPolicy": {"requestPath": http["requestPath"], "port": http["port"],
+                              **{key: policy[key] for key in ("checkIntervalSec", "timeoutSec",
+                                                              "healthyThreshold", "unhealthyThreshold")}},
+    }
+
+
+def test_load_balancer_health_checks_ask_the_serving_port_for_a_path_answering_200(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    server = server_of(rendered)
+    serving = {p["name"]: p["containerPort"] for p in server["ports"]}["http"]
+    assert serving == int(env_of(server)["PORT"])
+    router = Router(load_settings(env={}))
+    for kind, check in health_checks(rendered["google-lb"]).items():
+        assert check["port"] == serving, kind
+        answer = router.classify("GET", check["requestPath"])
+        assert isinstance(answer, LocalAnswer) and answer.status == 200, kind
+
+
+def test_ingress_and_gateway_health_checks_agree(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    checks = health_checks(rendered["google-lb"])
+    assert checks["BackendConfig"] == checks["HealthCheckPolicy"]
+    check = checks["BackendConfig"]
+    # Google's health checks refuse a timeout longer than the interval.
+    assert check["timeoutSec"] <= check["checkIntervalSec"]
+
+
+def test_health_checks_are_attached_to_the_service(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    found = by_kind(rendered["google-lb"])
+    service = found["Service"]
+    annotations = service["metadata"]["annotations"]
+    assert json.loads(annotations["cloud.google.com/backend-config"]) == {
+        "default": found["BackendConfig"]["metadata"]["name"],
+    }
+    assert json.loads(annotations["cloud.google.com/neg"]) == {"ingress": True}
+    target = found["HealthCheckPolicy"]["spec"]["targetRef"]
+    assert target == {"group": "", "kind": "Service", "name": service["metadata"]["name"]}
+
+
+def test_only_the_google_lb_overlay_carries_google_s_health_checks(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    for overlay in OVERLAYS:
+        kinds = set(by_kind(rendered[overlay]))
+        assert ({"BackendConfig", "HealthCheckPolicy"} <= kinds) == (overlay == "google-lb"), overlay
+
+
+def test_ingress_example_sends_every_path_to_the_service(examples: dict[str, list[dict[str, Any]]]) -> None:
+    found = by_kind(examples["google-lb-ingress"])
+    ingress, service = found["Ingress"], found["Service"]
+    assert ingress["metadata"]["annotations"]["kubernetes.io/ingress.class"] == "gce"
+    backend = ingress["spec"]["defaultBackend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    assert "rules" not in ingress["spec"]
+    certificate = found["ManagedCertificate"]["metadata"]["name"]
+    assert ingress["metadata"]["annotations"]["networking.gke.io/managed-certificates"] == certificate
+
+
+def test_gateway_example_is_a_global_external_load_balancer_routing_to_the_service(
+    examples: dict[str, list[dict[str, Any]]],
+) -> None:
+    found = by_kind(examples["google-lb-gateway"])
+    gateway, route, service = found["Gateway"], found["HTTPRoute"], found["Service"]
+    # GKE's classes of the global external Application Load Balancer.
+    assert gateway["spec"]["gatewayClassName"] in {"gke-l7-global-external-managed", "gke-l7-gxlb"}
+    (parent,) = route["spec"]["parentRefs"]
+    assert parent["name"] == gateway["metadata"]["name"]
+    assert parent["sectionName"] in {listener["name"] for listener in gateway["spec"]["listeners"]}
+    (rule,) = route["spec"]["rules"]
+    assert "matches" not in rule  # every path: the server answers each one itself
+    (backend,) = rule["backendRefs"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"] in {p["port"] for p in service["spec"]["ports"]}
 
 
 # -- Kubernetes: the front, the image, the replica count -------------------------------
