@@ -11,9 +11,13 @@
   the image named once, no `replicas:` beside the autoscaler, the memory
   arithmetic, tolerant probes, a sidecar that ends on SIGTERM, probes on
   the admin port, the hardening, a grace period covering drain and grace.
-- Cloud Run service YAML (unknown to that tool): required fields, the port,
-  probes on a path our server answers 200, shutdown within Cloud Run's
-  10 s, no region written in.
+- Cloud Run: one service per region of deploy/cloudrun/regions.toml, the
+  committed files exactly what render.py makes of it; each pins its region,
+  that region's upstream and default mirror; ingress only through the load
+  balancer; the image by digest (a placeholder, filled in by the renderer,
+  which refuses a tag); Knative's published schema, strictly; required
+  fields, the port, probes on a path our server answers 200, shutdown
+  within Cloud Run's 10 s; the metrics sidecar scraping the admin port.
 - Every environment variable in both is a row of archeio.config.SETTINGS,
   with a value that setting accepts.
 - Dockerfile: multi-stage, non-root numeric USER, no compilers or package
@@ -24,6 +28,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -61,7 +66,10 @@ from .integration.services import MissingTool, wait_until
 DEPLOY = REPO / "deploy"
 BASE = KUBERNETES / "base"
 BASE_DEPLOYMENT = BASE / "deployment.yaml"
-CLOUD_RUN = DEPLOY / "cloudrun" / "service.yaml"
+CLOUD_RUN_SERVICES = DEPLOY / "cloudrun" / "services"
+REGIONS = DEPLOY / "cloudrun" / "regions.toml"
+RENDERER = DEPLOY / "cloudrun" / "render.py"
+RUN_MONITORING = DEPLOY / "cloudrun" / "run-monitoring.yaml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 OPERATIONS_DOC = REPO / "docs" / "operations.md"
 SETTING_BY_ENV = {s.env: s for s in SETTINGS}
@@ -158,9 +166,11 @@ def test_rendered_example_passes_strict_schema_validation(
     assert strict_validate(examples[example], tmp_path) == []
 
 
-# API groups of Kubernetes' own kinds (and kustomize's file), which kubernetes-validate knows.
+# API groups of Kubernetes' own kinds (and kustomize's file), which kubernetes-validate knows;
+# and the Cloud Run metrics sidecar's configuration, a file in the shape of a custom
+# resource that is never sent to an API server (checked field by field below).
 _BUILTIN_GROUPS = ("v1", "apps/", "autoscaling/", "policy/", "batch/", "networking.k8s.io/",
-                   "kustomize.config.k8s.io/")
+                   "kustomize.config.k8s.io/", "monitoring.googleapis.com/")
 
 
 def _custom_documents() -> list[tuple[str, dict[str, Any]]]:
@@ -451,57 +461,190 @@ def test_disruption_budget_and_service_select_the_deployments_pods(rendered: dic
 # -- Cloud Run ------------------------------------------------------------------------
 
 
+def _load_renderer() -> Any:
+    """deploy/cloudrun/render.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("cloudrun_render", RENDERER)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render_py = _load_renderer()
+
+
+def run_renderer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(RENDERER), *args], capture_output=True, text=True, timeout=60)
+
+
+def region_table() -> dict[str, dict[str, str]]:
+    return dict(render_py.load_regions(REGIONS.read_text())[1])
+
+
+def cloud_run_services() -> dict[str, dict[str, Any]]:
+    """Region -> the committed manifest of its service."""
+    return {path.stem: load_all(path)[0] for path in sorted(CLOUD_RUN_SERVICES.glob("*.yaml"))}
+
+
+def cloud_run_containers(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in service["spec"]["template"]["spec"]["containers"]}
+
+
 @pytest.fixture(scope="module")
-def cloud_run() -> dict[str, Any]:
-    (doc,) = load_all(CLOUD_RUN)
-    return doc
+def cloud_runs() -> dict[str, dict[str, Any]]:
+    return cloud_run_services()
 
 
-def test_cloud_run_service_has_the_required_shape(cloud_run: dict[str, Any]) -> None:
-    assert cloud_run["apiVersion"] == "serving.knative.dev/v1" and cloud_run["kind"] == "Service"
-    assert cloud_run["metadata"]["name"]
-    template = cloud_run["spec"]["template"]
-    annotations = template["metadata"]["annotations"]
-    low = int(annotations["autoscaling.knative.dev/minScale"])
-    high = int(annotations["autoscaling.knative.dev/maxScale"])
-    assert 1 <= low <= high
-    assert template["spec"]["containerConcurrency"] == 1000
-    (each,) = template["spec"]["containers"]
-    assert each["image"] and each["args"] == ["serve"]
+def test_cloud_run_services_are_the_render_of_the_region_table(tmp_path: Path) -> None:
+    result = run_renderer("--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rendered = {path.name: path.read_text() for path in tmp_path.glob("*.yaml")}
+    committed = {path.name: path.read_text() for path in CLOUD_RUN_SERVICES.glob("*.yaml")}
+    assert sorted(rendered) == sorted(committed), "run `python3 deploy/cloudrun/render.py`"
+    stale = [name for name in rendered if rendered[name] != committed[name]]
+    assert not stale, f"{stale} differ from the table's render: run `python3 deploy/cloudrun/render.py`"
 
 
-def test_cloud_run_service_leaves_the_region_to_the_deploy_command(cloud_run: dict[str, Any]) -> None:
-    # One file for every region, each named by `gcloud run services replace --region R`.
-    assert "cloud.googleapis.com/location" not in cloud_run["metadata"].get("labels", {})
+def test_one_cloud_run_service_per_region_of_the_table(cloud_runs: dict[str, dict[str, Any]]) -> None:
+    assert set(cloud_runs) == set(region_table())
+    assert len(cloud_runs) >= 20  # upstream's regions, not a sample
 
 
-def test_cloud_run_port_and_probes_reach_an_endpoint_that_answers_200(cloud_run: dict[str, Any]) -> None:
-    (each,) = cloud_run["spec"]["template"]["spec"]["containers"]
-    (port,) = each["ports"]
-    assert port["containerPort"] == int(SETTING_BY_ENV["PORT"].default)
-    # Cloud Run sets PORT itself and refuses it in env.
-    assert "PORT" not in env_of(each)
+def test_each_cloud_run_service_pins_its_region_its_upstream_and_its_default_mirror(
+    cloud_runs: dict[str, dict[str, Any]],
+) -> None:
+    upstream_path = render_py.load_regions(REGIONS.read_text())[0]
+    for region, entry in region_table().items():
+        service = cloud_runs[region]
+        assert service["metadata"]["labels"]["cloud.googleapis.com/location"] == region
+        env = env_of(cloud_run_containers(service)["archeio"])
+        # Each region pulls manifests from its own Artifact Registry, as upstream's do.
+        assert entry["upstream"] == f"https://{region}-docker.pkg.dev"
+        assert env["UPSTREAM_REGISTRY_ENDPOINT"] == entry["upstream"]
+        assert env["UPSTREAM_REGISTRY_PATH"] == upstream_path
+        assert env["DEFAULT_AWS_BASE_URL"] == entry["default_mirror"]
+
+
+def test_cloud_run_services_take_traffic_only_through_the_load_balancer(
+    cloud_runs: dict[str, dict[str, Any]],
+) -> None:
+    for region, service in cloud_runs.items():
+        assert service["metadata"]["annotations"]["run.googleapis.com/ingress"] == \
+            "internal-and-cloud-load-balancing", region
+
+
+def test_committed_cloud_run_services_name_the_image_by_a_digest_placeholder(
+    cloud_runs: dict[str, dict[str, Any]],
+) -> None:
+    for region, service in cloud_runs.items():
+        assert cloud_run_containers(service)["archeio"]["image"] == "IMAGE@sha256:DIGEST", region
+
+
+def test_render_fills_in_the_image_by_digest_and_the_project(tmp_path: Path) -> None:
+    image = "us-docker.pkg.dev/my-project/archeio/archeio@sha256:" + "0123456789abcdef" * 4
+    result = run_renderer("--image", image, "--project", "my-project", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    for path in tmp_path.glob("*.yaml"):
+        server = cloud_run_containers(load_all(path)[0])["archeio"]
+        assert server["image"] == image
+        assert env_of(server)["ARCHEIO_TRACE_PROJECT"] == "my-project"
+    assert len(list(tmp_path.glob("*.yaml"))) == len(region_table())
+
+
+@pytest.mark.parametrize("image", [
+    "us-docker.pkg.dev/my-project/archeio/archeio:latest",
+    "us-docker.pkg.dev/my-project/archeio/archeio@sha256:" + "0" * 63,
+    "us-docker.pkg.dev/my-project/archeio/archeio@sha256:" + "A" * 64,
+])
+def test_render_refuses_an_image_not_named_by_digest(image: str, tmp_path: Path) -> None:
+    result = run_renderer("--image", image, "--project", "my-project", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "by digest" in result.stderr
+    assert not list(tmp_path.glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda text: text.replace('default_mirror = "https://d39mqg4b1dx9z1.cloudfront.net"',
+                               'default-mirror = "https://d39mqg4b1dx9z1.cloudfront.net"', 1), "asia-east1"),
+    (lambda text: text.replace('"https://us-west2-docker.pkg.dev"', '"http://us-west2-docker.pkg.dev"'), "us-west2"),
+    (lambda text: text.replace("[regions.us-east1]", "[regions.US_East]"), "US_East"),
+])
+def test_render_refuses_a_region_table_off_its_format(change: Any, named: str) -> None:
+    with pytest.raises(render_py.TableError, match=named):
+        render_py.load_regions(change(REGIONS.read_text()))
+
+
+def test_cloud_run_services_pass_strict_schema_validation(cloud_runs: dict[str, dict[str, Any]]) -> None:
+    # Knative's published schema, which Cloud Run's service YAML follows.
+    assert validate_custom(list(cloud_runs.values())) == []
+
+
+def test_cloud_run_service_has_the_required_shape(cloud_runs: dict[str, dict[str, Any]]) -> None:
+    for region, service in cloud_runs.items():
+        assert service["apiVersion"] == "serving.knative.dev/v1" and service["kind"] == "Service"
+        assert service["metadata"]["name"]
+        template = service["spec"]["template"]
+        annotations = template["metadata"]["annotations"]
+        low = int(annotations["autoscaling.knative.dev/minScale"])
+        high = int(annotations["autoscaling.knative.dev/maxScale"])
+        assert 1 <= low <= high, region
+        assert template["spec"]["containerConcurrency"] == 1000
+        containers = cloud_run_containers(service)
+        assert containers["archeio"]["args"] == ["serve"]
+        # One ingress container: the only one with a port.
+        assert [name for name, c in containers.items() if c.get("ports")] == ["archeio"]
+
+
+def test_cloud_run_port_and_probes_reach_an_endpoint_that_answers_200(
+    cloud_runs: dict[str, dict[str, Any]],
+) -> None:
     router = Router(load_settings(env={}))
-    for kind in ("startupProbe", "livenessProbe"):
-        probe = each[kind]["httpGet"]
-        assert probe["port"] == port["containerPort"]
-        answer = router.classify("GET", probe["path"])
-        assert isinstance(answer, LocalAnswer) and answer.status == 200
+    for region, service in cloud_runs.items():
+        each = cloud_run_containers(service)["archeio"]
+        (port,) = each["ports"]
+        assert port["containerPort"] == int(SETTING_BY_ENV["PORT"].default)
+        # Cloud Run sets PORT itself and refuses it in env.
+        assert "PORT" not in env_of(each)
+        for kind in ("startupProbe", "livenessProbe"):
+            probe = each[kind]["httpGet"]
+            assert probe["port"] == port["containerPort"], region
+            answer = router.classify("GET", probe["path"])
+            assert isinstance(answer, LocalAnswer) and answer.status == 200, region
 
 
-def test_cloud_run_shutdown_fits_in_its_10_seconds(cloud_run: dict[str, Any]) -> None:
-    (each,) = cloud_run["spec"]["template"]["spec"]["containers"]
-    env = env_of(each)
-    assert float(env["ARCHEIO_DRAIN_DELAY"]) + float(env["ARCHEIO_GRACE_PERIOD"]) < 10
+def test_cloud_run_shutdown_fits_in_its_10_seconds(cloud_runs: dict[str, dict[str, Any]]) -> None:
+    for region, service in cloud_runs.items():
+        env = env_of(cloud_run_containers(service)["archeio"])
+        assert float(env["ARCHEIO_DRAIN_DELAY"]) + float(env["ARCHEIO_GRACE_PERIOD"]) < 10, region
+
+
+def test_cloud_run_metrics_sidecar_scrapes_the_servers_admin_port(cloud_runs: dict[str, dict[str, Any]]) -> None:
+    (monitoring,) = load_all(RUN_MONITORING)
+    assert (monitoring["apiVersion"], monitoring["kind"]) == ("monitoring.googleapis.com/v1beta", "RunMonitoring")
+    (endpoint,) = monitoring["spec"]["endpoints"]
+    assert set(endpoint) == {"port", "path", "interval"}
+    assert endpoint["path"] == "/metrics"  # archeio/admin.py serves it there
+    for region, service in cloud_runs.items():
+        containers = cloud_run_containers(service)
+        assert endpoint["port"] == int(env_of(containers["archeio"])["ARCHEIO_ADMIN_PORT"]), region
+        # The sidecar reads its configuration at /etc/rungmp/config.yaml: the secret's file.
+        (mount,) = containers["collector"]["volumeMounts"]
+        volumes = {v["name"]: v for v in service["spec"]["template"]["spec"]["volumes"]}
+        (item,) = volumes[mount["name"]]["secret"]["items"]
+        assert f"{mount['mountPath']}/{item['path']}" == "/etc/rungmp/config.yaml"
+        annotations = service["spec"]["template"]["metadata"]["annotations"]
+        assert json.loads(annotations["run.googleapis.com/container-dependencies"]) == {"collector": ["archeio"]}
+        # Scrapes happen between requests: CPU must stay allocated then.
+        assert annotations["run.googleapis.com/cpu-throttling"] == "false"
 
 
 # -- environment variables in both -----------------------------------------------------------
 
 
 def _all_env() -> list[tuple[str, str, str]]:
-    found = [("cloud run", name, value)
-             for c in load_all(CLOUD_RUN)[0]["spec"]["template"]["spec"]["containers"]
-             for name, value in env_of(c).items()]
+    found = [(f"cloud run {region}", name, value)
+             for region, service in cloud_run_services().items()
+             for name, value in env_of(cloud_run_containers(service)["archeio"]).items()]
     patches = [*KUBERNETES.glob("overlays/*/*.yaml"), BASE_DEPLOYMENT]
     for path in patches:
         for doc in load_all(path):
