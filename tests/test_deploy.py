@@ -18,6 +18,8 @@
   which refuses a tag); Knative's published schema, strictly; required
   fields, the port, probes on a path our server answers 200, shutdown
   within Cloud Run's 10 s; the metrics sidecar scraping the admin port.
+- Cloud Armor (docs/operations.md): the policy's path filter lets through
+  every path the server serves, referrers and /privacy/... included.
 - Every environment variable in both is a row of archeio.config.SETTINGS,
   with a value that setting accepts.
 - Dockerfile: multi-stage, non-root numeric USER, no compilers or package
@@ -42,7 +44,7 @@ import pytest
 import yaml
 
 from archeio.config import SETTINGS, load_settings
-from archeio.routing import LocalAnswer, Router
+from archeio.routing import NOT_FOUND, LocalAnswer, Router
 
 from .deploy_support import (
     EXAMPLES,
@@ -636,6 +638,33 @@ def test_cloud_run_metrics_sidecar_scrapes_the_servers_admin_port(cloud_runs: di
         assert json.loads(annotations["run.googleapis.com/container-dependencies"]) == {"collector": ["archeio"]}
         # Scrapes happen between requests: CPU must stay allocated then.
         assert annotations["run.googleapis.com/cpu-throttling"] == "false"
+
+
+# -- Cloud Armor (docs/operations.md) -------------------------------------------------------
+
+BLOB_DIGEST = "sha256:" + "e" * 64
+# Paths of every kind the server answers, and paths it answers only with its catch-all 404.
+EDGE_PATHS = [
+    "/", "/privacy", "/privacy/policy", "/v2", "/v2/", "/v2/_catalog", "/v2/tags/list",
+    "/v2/pause/manifests/3.9", "/v2/pause/manifests/" + BLOB_DIGEST, f"/v2/pause/blobs/{BLOB_DIGEST}",
+    f"/v2/pause/referrers/{BLOB_DIGEST}", "/v2/pause/tags/list", "/v2/pause/tags/list?n=10",
+    "/v2/pause/manifests/sha256-" + "e" * 64 + ".sig", "/v2/kube-apiserver/tags/list",
+    "/v1/_ping", "/favicon.ico", "/robots.txt", "/privacyx", "/v2x", "/.env", "/admin",
+]
+
+
+def cloud_armor_path_filter() -> re.Pattern[str]:
+    """The path expression of the Cloud Armor rule in docs/operations.md (RE2; these features alike in Python)."""
+    (expression,) = re.findall(r"--expression=\"!request\.path\.matches\('([^']+)'\)\"", OPERATIONS_DOC.read_text())
+    return re.compile(expression)
+
+
+@pytest.mark.parametrize("path", EDGE_PATHS)
+def test_cloud_armor_path_filter_lets_through_every_path_the_server_serves(path: str) -> None:
+    router = Router(load_settings(env={}))
+    bare = path.split("?", 1)[0]  # Cloud Armor's request.path has no query
+    served = router.classify("GET", bare) is not NOT_FOUND or bare.startswith("/v2/")
+    assert bool(cloud_armor_path_filter().search(bare)) == served
 
 
 # -- environment variables in both -----------------------------------------------------------
