@@ -674,7 +674,7 @@ def _all_env() -> list[tuple[str, str, str]]:
     found = [(f"cloud run {region}", name, value)
              for region, service in cloud_run_services().items()
              for name, value in env_of(cloud_run_containers(service)["archeio"]).items()]
-    patches = [*KUBERNETES.glob("overlays/*/*.yaml"), BASE_DEPLOYMENT]
+    patches = [*KUBERNETES.glob("overlays/**/*.yaml"), BASE_DEPLOYMENT]
     for path in patches:
         for doc in load_all(path):
             if doc.get("kind") == "Deployment":
