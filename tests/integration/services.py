@@ -563,14 +563,17 @@ class PagingRegistry:
 
 
 @contextlib.contextmanager
-def paging_registry(workdir: Path, registry: Registry, name: str = "paging") -> Iterator[PagingRegistry]:
-    """The paginating front of `registry` on a free loopback port."""
+def paging_registry(workdir: Path, registry: Registry, name: str = "paging",
+                    manifest_map: bool = False) -> Iterator[PagingRegistry]:
+    """The paginating front of `registry` on a free loopback port; `manifest_map`: tag lists carry Google's map."""
     base = workdir / name
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
     script = Path(__file__).with_name("paging_registry.py")
     log_path = base / "paging.log"
     argv = [sys.executable, str(script), registry.url, str(port)]
+    if manifest_map:
+        argv.append(str(registry.storage))
     with running(name, argv, log_path) as process:
         url = f"http://{LOOPBACK}:{port}"
         wait_for_http(process, url + "/v2/")
