@@ -131,8 +131,8 @@ class MirrorJob:
                 async for repository in self.registry.repositories():
                     await listing_of(repository)
             except RegistryError as exc:
-                # registry.k8s.io refuses the catalog, and so does a public
-                # Artifact Registry to anonymous clients.
+                # registry.k8s.io refuses the catalog; others list it only to
+                # clients with credentials.
                 self.progress.image_failed(
                     "the catalog", f"{exc}; a registry that does not list its repositories needs "
                     "them named, one a line, in --repositories-file")
