@@ -12,12 +12,16 @@ adds `--registries-conf`: skopeo 1.9 ignores CONTAINERS_REGISTRIES_CONF,
 and the system's file is not ours to change) and oras through the guide's
 own `HTTPS` switch.
 
+Blocks labelled `file NAME` (a list of images) are written to NAME in
+the commands' directory when reached, as a user would save them.
+
 Afterwards every image in the mirror is compared with what was built and
 pushed (manifests byte for byte, every child of the index, every blob, the
-signature), and the two runtime configurations of the guide are used for
-real: skopeo with the guide's registries.conf (what CRI-O and podman read)
-and containerd with its hosts.toml must pull from the mirror, not from
-archeio.
+signature, every image kubeadm would pull from the mirror), and the
+runtime configurations of the guide are used for real: skopeo with the
+guide's registries.conf (what CRI-O and podman read) and containerd with
+its hosts.toml must pull from the mirror, not from archeio, and containerd
+1.6 must load the guide's config.toml with every key and value it sets.
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ..guides import MIRRORING, Block, blocks
 from . import images, services
 from .images import Image, Layout, Platform
 from .services import Registry, S3Server
@@ -40,21 +47,12 @@ from .topology import BUCKET_DEFAULT, UPSTREAM_PATH, PagedWorld
 
 pytestmark = pytest.mark.integration
 
-GUIDE = Path(__file__).resolve().parents[2] / "docs" / "mirroring.md"
 SOURCE_NAME = "registry.k8s.io"
 MIRROR_NAME = "mirror.example.internal:5000"
-_BLOCK = re.compile(r"<!-- mirroring-test(?:: (?P<label>[^>]+?))? -->\n```(?P<lang>\w+)\n(?P<body>.*?)```", re.S)
-
-
-@dataclass(frozen=True)
-class Block:
-    label: str | None  # a file the block stands for, or None for commands
-    lang: str
-    body: str
 
 
 def guide_blocks() -> list[Block]:
-    return [Block(m["label"], m["lang"], m["body"]) for m in _BLOCK.finditer(GUIDE.read_text())]
+    return blocks(MIRRORING, "mirroring-test")
 
 
 @dataclass
@@ -78,6 +76,11 @@ def pushed(workdir: Path, paged: PagedWorld, registry: Registry, signature_regis
         "coredns/coredns:v1.11.1": images.sample_image("coredns-1"),
         "coredns/coredns:v1.11.3": images.sample_image("coredns-3"),
         "coredns/coredns:v1.12.0": images.sample_image("coredns-12"),
+        # The rest of what kubeadm v1.31.0 lists.
+        "kube-apiserver:v1.31.0": images.sample_image("kube-apiserver", layer_count=1),
+        "kube-controller-manager:v1.31.0": images.sample_image("kube-controller-manager", layer_count=1),
+        "kube-scheduler:v1.31.0": images.sample_image("kube-scheduler", layer_count=1),
+        "etcd:3.5.15-0": images.sample_image("etcd", layer_count=1),
     }
     layout = Layout(workdir / "guide-layout")
     for reference, image in by_reference.items():
@@ -129,6 +132,9 @@ def guide_run(pushed: Pushed, paged: PagedWorld, mirror: Registry,
     outputs = {}
     for number, block in enumerate(guide_blocks()):
         if block.label is not None:
+            if block.label.startswith("file "):
+                (workdir / block.label.removeprefix("file ")).write_text(
+                    localize(block.body, paged.archeio.host, mirror.host))
             continue
         body = localize(block.body, paged.archeio.host, mirror.host)
         if block.lang == "sh":
@@ -165,7 +171,8 @@ def mirror_holds_blob(mirror: Registry, name: str, digest: str) -> bool:
 
 def test_the_guide_has_command_blocks_and_both_runtime_configurations() -> None:
     labels = {block.label for block in guide_blocks()}
-    assert {None, "containerd hosts.toml", "registries.conf"} <= labels
+    assert {None, "containerd hosts.toml", "containerd 1.x config.toml", "registries.conf", "file images.txt",
+            "kubeadm images"} <= labels
     assert sum(1 for block in guide_blocks() if block.label is None) >= 5
 
 
@@ -240,3 +247,44 @@ def test_containerd_hosts_toml_of_the_guide_pulls_from_the_mirror(
     fetched = {r.path for r in mirror.log.since(mirror_mark) if r.method == "GET"}
     assert {f"/v2/pause/blobs/{blob.digest}" for blob in image.blobs} <= fetched
     assert not any("/pause/" in r.path for r in paged.upstream.log.since(upstream_mark))
+
+
+def test_every_image_kubeadm_pulls_from_the_mirror_is_there_with_the_sources_digest(
+    guide_run: dict[str, str], pushed: Pushed, paged: PagedWorld, mirror: Registry,
+) -> None:
+    listed = _config_block("kubeadm images", paged.archeio.host, mirror.host).split()
+    assert len(listed) == 7
+    for reference in listed:
+        host, _, name_tag = reference.partition("/")
+        assert host == mirror.host, reference
+        name, tag = name_tag.rsplit(":", 1)
+        # kubeadm names CoreDNS <repository>/coredns: the guide's copy renames it.
+        source = "coredns/coredns" if name == "coredns" else name
+        image = pushed.by_reference[f"{source}:{tag}"]
+        assert mirrored_manifest(mirror, name, tag) == image.manifest.data, reference
+        for blob in image.blobs:
+            assert mirror_holds_blob(mirror, name, blob.digest), (reference, blob.digest)
+
+
+def _leaves(table: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
+def test_containerd_loads_the_guides_config_toml_with_every_value_it_sets(tmp_path: Path) -> None:
+    [text] = [b.body for b in guide_blocks() if b.label == "containerd 1.x config.toml"]
+    (tmp_path / "config.toml").write_text(text)
+    containerd = services.require_tools("containerd")["containerd"]
+    dumped = subprocess.run([containerd, "--config", str(tmp_path / "config.toml"), "config", "dump"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert dumped.returncode == 0, dumped.stderr
+    loaded = tomllib.loads(dumped.stdout)
+    # A misspelt key is dropped silently, leaving containerd's default: each value must be there.
+    for path, value in _leaves(tomllib.loads(text)):
+        found: Any = loaded
+        for key in path:
+            found = found[key]
+        assert found == value, path
