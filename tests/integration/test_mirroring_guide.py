@@ -26,7 +26,6 @@ its hosts.toml must pull from the mirror, not from archeio, and containerd
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 import pytest
 
 from ..guides import MIRRORING, Block, blocks
-from . import images, services
+from . import guide_runner, images, services
 from .images import Image, Layout, Platform
 from .services import Registry, S3Server
 from .topology import BUCKET_DEFAULT, UPSTREAM_PATH, PagedWorld
@@ -106,15 +105,7 @@ def mirror(workdir: Path) -> Iterator[Registry]:
 
 
 def localize(text: str, source: str, mirror: str) -> str:
-    """The guide's host names replaced by the test's; plain HTTP where a URL names a scheme."""
-    text = text.replace(f"https://{SOURCE_NAME}", f"http://{source}").replace(f"https://{MIRROR_NAME}",
-                                                                               f"http://{mirror}")
-    return text.replace(SOURCE_NAME, source).replace(MIRROR_NAME, mirror)
-
-
-def insecure_registries_conf(path: Path, *hosts: str) -> Path:
-    path.write_text("".join(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n\n' for host in hosts))
-    return path
+    return guide_runner.localize(text, {SOURCE_NAME: source, MIRROR_NAME: mirror})
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +113,7 @@ def guide_run(pushed: Pushed, paged: PagedWorld, mirror: Registry,
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Run every marked command block of the guide, in order; their outputs by block number."""
     workdir = tmp_path_factory.mktemp("guide")
-    conf = insecure_registries_conf(workdir / "registries.conf", paged.archeio.host, mirror.host)
-    shims = workdir / "bin"
-    shims.mkdir()
-    skopeo = images.require_tools("skopeo")["skopeo"]
-    (shims / "skopeo").write_text(f'#!/bin/sh\nexec {skopeo} --registries-conf {conf} "$@"\n')
-    (shims / "skopeo").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = guide_runner.shell_env(workdir, paged.archeio.host, mirror.host)
     outputs = {}
     for number, block in enumerate(guide_blocks()):
         if block.label is not None:
@@ -138,14 +123,14 @@ def guide_run(pushed: Pushed, paged: PagedWorld, mirror: Registry,
             continue
         body = localize(block.body, paged.archeio.host, mirror.host)
         if block.lang == "sh":
-            argv = ["bash", "-euo", "pipefail", "-c", body]
+            done = guide_runner.run_shell(body, workdir, env)
         elif block.lang == "python":
             switch = "HTTPS = True"
             assert switch in body, "the guide's oras block lost its HTTPS switch"
-            argv = [sys.executable, "-c", body.replace(switch, "HTTPS = False")]
+            done = subprocess.run([sys.executable, "-c", body.replace(switch, "HTTPS = False")], cwd=workdir,
+                                  env=env, capture_output=True, text=True, timeout=300, check=False)
         else:
             raise AssertionError(f"block {number}: no way to run {block.lang!r}")
-        done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 0, f"guide block {number} failed:\n{block.body}\n{done.stdout}\n{done.stderr}"
         outputs[str(number)] = done.stdout
     return outputs
