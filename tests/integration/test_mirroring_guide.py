@@ -273,3 +273,29 @@ def test_containerd_loads_the_guides_config_toml_with_every_value_it_sets(tmp_pa
         for key in path:
             found = found[key]
         assert found == value, path
+
+
+def test_containerd_sends_pulls_to_a_harbor_projects_path(
+    pushed: Pushed, paged: PagedWorld, mirror: Registry, workdir: Path,
+) -> None:
+    """The Harbor hosts.toml: `registry.k8s.io/pause` is pulled from `<host>/v2/k8s/pause` (a registry stands in)."""
+    image = pushed.by_reference["pause:3.10"]
+    layout = Layout(workdir / "guide-harbor-layout")
+    layout.add(image, "pause")
+    images.push(layout, "pause", mirror.host, "k8s/pause", "3.10")
+    [block] = [b for b in guide_blocks() if b.label == "containerd hosts.toml for Harbor"]
+    hosts = workdir / "guide-harbor-hosts"
+    (hosts / paged.archeio.host).mkdir(parents=True, exist_ok=True)
+    (hosts / paged.archeio.host / "hosts.toml").write_text(
+        guide_runner.localize(block.body, {SOURCE_NAME: paged.archeio.host, "harbor.example.internal": mirror.host}))
+    mirror_mark, upstream_mark = mirror.log.mark(), paged.upstream.log.mark()
+    name = "containerd-harbor-" + paged.archeio.host.rsplit(":", 1)[1]
+    with services.containerd_daemon(workdir, name) as containerd:
+        pulled = containerd.ctr("images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native",
+                                f"{paged.archeio.host}/pause:3.10", timeout=120)
+        assert pulled.returncode == 0, pulled.stderr
+    asked = mirror.log.since(mirror_mark)
+    assert any(r.path == "/v2/k8s/pause/manifests/3.10" for r in asked)  # the tag, resolved at the project's path
+    fetched = {r.path for r in asked if r.method == "GET"}
+    assert {f"/v2/k8s/pause/blobs/{blob.digest}" for blob in image.blobs} <= fetched
+    assert not any("/pause/" in r.path for r in paged.upstream.log.since(upstream_mark))
