@@ -83,18 +83,30 @@ def setting_targets(settings: Settings) -> Iterator[tuple[str, str]]:
 
 
 def table_targets(path: Path, text: str) -> Iterator[tuple[str, str]]:
-    """(URL, reason) for every http(s) URL value of a TOML table, at any depth."""
-    def walk(value: object, where: str) -> Iterator[tuple[str, str]]:
+    """(URL, reason) for every http(s) URL value of a TOML table, at any depth.
+
+    Values under sibling tables with the same key are one reason per URL:
+    `regions.toml: default_mirror of regions asia-east1, europe-west1`.
+    """
+    found: dict[tuple[str, str, str], list[str]] = {}  # (URL, the tables' parent, key) -> tables
+
+    def walk(value: object, where: tuple[str, ...]) -> None:
         if isinstance(value, dict):
             for key, item in value.items():
-                yield from walk(item, f"{where}.{key}" if where else str(key))
+                walk(item, (*where, str(key)))
         elif isinstance(value, list):
             for number, item in enumerate(value):
-                yield from walk(item, f"{where}[{number}]")
+                walk(item, (*where[:-1], f"{where[-1]}[{number}]"))
         elif isinstance(value, str) and _host_of(value) is not None:
-            yield value, f"{path.name}: {where}"
+            parent, table, key = ".".join(where[:-2]), ".".join(where[-2:-1]), where[-1]
+            found.setdefault((value, parent, key), []).append(table)
 
-    return walk(tomllib.loads(text), "")
+    walk(tomllib.loads(text), ())
+    for (url, parent, key), tables in found.items():
+        if not any(tables):
+            yield url, f"{path.name}: {key}"
+        else:
+            yield url, f"{path.name}: {key} of {parent + ' ' if parent else ''}{', '.join(tables)}"
 
 
 def collect(targets: Iterator[tuple[str, str]]) -> list[Host]:

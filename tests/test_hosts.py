@@ -123,6 +123,10 @@ upstream = "https://europe-west1-docker.pkg.dev"
 default_mirror = "https://d1be1w964nk82h.cloudfront.net"
 note = "not a URL"
 
+[regions.us-east4]
+upstream = "https://us-east4-docker.pkg.dev"
+default_mirror = "https://d1be1w964nk82h.cloudfront.net"
+
 [[extra]]
 urls = ["https://asia-east1-docker.pkg.dev", "ftp://ignored.example"]
 """
@@ -133,9 +137,11 @@ def test_every_url_of_a_regions_table_is_listed(tmp_path: Path) -> None:
     table.write_text(REGIONS)
     base = {h.host for h in hosts(make_settings())}
     found = {h.host: h for h in hosts(make_settings(), table)}
-    assert set(found) - base == {"europe-west1-docker.pkg.dev", "asia-east1-docker.pkg.dev"}
-    assert found["europe-west1-docker.pkg.dev"].reasons == ("regions.toml: regions.europe-west1.upstream",)
-    assert "regions.toml: regions.europe-west1.default_mirror" in found["d1be1w964nk82h.cloudfront.net"].reasons
+    assert set(found) - base == {"europe-west1-docker.pkg.dev", "us-east4-docker.pkg.dev", "asia-east1-docker.pkg.dev"}
+    assert found["europe-west1-docker.pkg.dev"].reasons == ("regions.toml: upstream of regions europe-west1",)
+    assert found["asia-east1-docker.pkg.dev"].reasons == ("regions.toml: urls[0] of extra[0]",)
+    assert "regions.toml: default_mirror of regions europe-west1, us-east4" in found[
+        "d1be1w964nk82h.cloudfront.net"].reasons
 
 
 @pytest.mark.parametrize("text, message", [
