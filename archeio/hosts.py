@@ -154,12 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = load_settings(overrides=vars(args))
-    except ConfigError as exc:
+        found = hosts(load_settings(overrides=vars(args)), args.regions)
+    except ConfigError as exc:  # before the table is read: a ValueError too
         print(f"archeio: configuration error: {exc}", file=sys.stderr)
         return 2
-    try:
-        found = hosts(settings, args.regions)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ValueError) as exc:
         print(f"archeio hosts: --regions {args.regions}: {exc}", file=sys.stderr)
         return 2

@@ -426,17 +426,23 @@ def mapped_source(workdir: Path, registry: Registry, untagged: Untagged) -> Iter
         yield front
 
 
+def mirror_into_a_new_bucket(s3: S3Server, source: str, repository: str) -> tuple[str, str]:
+    """(the bucket, the run's log) of a successful run copying `repository` from `source`."""
+    [bucket] = new_buckets(s3, 1)
+    done = run_mirror(source, "--to", s3.bucket_url(bucket), repository)
+    assert done.returncode == 0, done.stderr
+    return bucket, done.stderr
+
+
 def test_untagged_manifests_in_the_sources_map_are_mirrored(
     mapped_source: PagingRegistry, s3: S3Server, untagged: Untagged,
 ) -> None:
-    [bucket] = new_buckets(s3, 1)
     mark = mapped_source.log.mark()
-    done = run_mirror(mapped_source.url, "--to", s3.bucket_url(bucket), untagged.repository)
-    assert done.returncode == 0, done.stderr
+    bucket, log = mirror_into_a_new_bucket(s3, mapped_source.url, untagged.repository)
     expected = {**untagged.untagged_blobs(), **{b.digest: b.data for b in untagged.current.blobs}}
     assert stored_blobs(s3, bucket) == expected
     # The moved image, the pinned index and its two children.
-    assert f"{untagged.repository}: 4 untagged manifests listed by the registry, mirrored too" in done.stderr
+    assert f"{untagged.repository}: 4 untagged manifests listed by the registry, mirrored too" in log
     # The map named v1's digest: no HEAD was needed to resolve it.
     assert not [r for r in mapped_source.log.since(mark) if r.method == "HEAD"]
 
@@ -444,18 +450,14 @@ def test_untagged_manifests_in_the_sources_map_are_mirrored(
 def test_without_the_map_only_the_tagged_manifest_is_mirrored(
     registry: Registry, s3: S3Server, untagged: Untagged,
 ) -> None:
-    [bucket] = new_buckets(s3, 1)
-    done = run_mirror(registry.url, "--to", s3.bucket_url(bucket), untagged.repository)
-    assert done.returncode == 0, done.stderr
+    bucket, _ = mirror_into_a_new_bucket(s3, registry.url, untagged.repository)
     assert stored_blobs(s3, bucket) == {b.digest: b.data for b in untagged.current.blobs}
 
 
 def test_a_rerun_through_the_map_fetches_no_manifest_and_uploads_nothing(
     mapped_source: PagingRegistry, s3: S3Server, untagged: Untagged,
 ) -> None:
-    [bucket] = new_buckets(s3, 1)
-    first = run_mirror(mapped_source.url, "--to", s3.bucket_url(bucket), untagged.repository)
-    assert first.returncode == 0, first.stderr
+    bucket, _ = mirror_into_a_new_bucket(s3, mapped_source.url, untagged.repository)
     source_mark, s3_mark = mapped_source.log.mark(), s3.log.mark()
     again = run_mirror(mapped_source.url, "--to", s3.bucket_url(bucket), untagged.repository)
     assert again.returncode == 0, again.stderr

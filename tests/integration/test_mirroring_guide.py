@@ -187,6 +187,19 @@ def test_the_guides_own_checks_report_the_source_digests(guide_run: dict[str, st
         assert re.search(rf"^{re.escape(reference)}: [1-9]\d* blobs present$", printed, re.M), printed
 
 
+def pull_pause(workdir: Path, name: str, host: str, hosts_toml: str) -> str:
+    """`<host>/pause:3.10` pulled by a containerd of its own with `hosts_toml` for `host`; its image list."""
+    hosts = workdir / f"{name}-hosts"
+    (hosts / host).mkdir(parents=True, exist_ok=True)
+    (hosts / host / "hosts.toml").write_text(hosts_toml)
+    # A daemon per archeio: an empty content store, so the pull is a real one.
+    with services.containerd_daemon(workdir, f"{name}-{host.rsplit(':', 1)[1]}") as containerd:
+        pulled = containerd.ctr("images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native",
+                                f"{host}/pause:3.10", timeout=120)
+        assert pulled.returncode == 0, pulled.stderr
+        return containerd.ctr("images", "ls").stdout
+
+
 def _config_block(label: str, source: str, mirror: str) -> str:
     [block] = [b for b in guide_blocks() if b.label == label]
     return localize(block.body, source, mirror)
@@ -215,20 +228,11 @@ def test_registries_conf_of_the_guide_pulls_from_the_mirror(
 def test_containerd_hosts_toml_of_the_guide_pulls_from_the_mirror(
     guide_run: dict[str, str], pushed: Pushed, paged: PagedWorld, mirror: Registry, workdir: Path,
 ) -> None:
-    hosts = workdir / "guide-containerd-hosts"
-    (hosts / paged.archeio.host).mkdir(parents=True, exist_ok=True)
-    (hosts / paged.archeio.host / "hosts.toml").write_text(
-        _config_block("containerd hosts.toml", paged.archeio.host, mirror.host))
     image = pushed.by_reference["pause:3.10"]
     mirror_mark, upstream_mark = mirror.log.mark(), paged.upstream.log.mark()
-    # A daemon of its own per archeio: an empty content store, so the pull is a real one.
-    name = "containerd-guide-" + paged.archeio.host.rsplit(":", 1)[1]
-    with services.containerd_daemon(workdir, name) as containerd:
-        pulled = containerd.ctr("images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native",
-                                f"{paged.archeio.host}/pause:3.10", timeout=120)
-        assert pulled.returncode == 0, pulled.stderr
-        listed = containerd.ctr("images", "ls")
-    assert image.digest in listed.stdout
+    listed = pull_pause(workdir, "containerd-guide", paged.archeio.host,
+                        _config_block("containerd hosts.toml", paged.archeio.host, mirror.host))
+    assert image.digest in listed
     fetched = {r.path for r in mirror.log.since(mirror_mark) if r.method == "GET"}
     assert {f"/v2/pause/blobs/{blob.digest}" for blob in image.blobs} <= fetched
     assert not any("/pause/" in r.path for r in paged.upstream.log.since(upstream_mark))
@@ -284,16 +288,9 @@ def test_containerd_sends_pulls_to_a_harbor_projects_path(
     layout.add(image, "pause")
     images.push(layout, "pause", mirror.host, "k8s/pause", "3.10")
     [block] = [b for b in guide_blocks() if b.label == "containerd hosts.toml for Harbor"]
-    hosts = workdir / "guide-harbor-hosts"
-    (hosts / paged.archeio.host).mkdir(parents=True, exist_ok=True)
-    (hosts / paged.archeio.host / "hosts.toml").write_text(
-        guide_runner.localize(block.body, {SOURCE_NAME: paged.archeio.host, "harbor.example.internal": mirror.host}))
     mirror_mark, upstream_mark = mirror.log.mark(), paged.upstream.log.mark()
-    name = "containerd-harbor-" + paged.archeio.host.rsplit(":", 1)[1]
-    with services.containerd_daemon(workdir, name) as containerd:
-        pulled = containerd.ctr("images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native",
-                                f"{paged.archeio.host}/pause:3.10", timeout=120)
-        assert pulled.returncode == 0, pulled.stderr
+    pull_pause(workdir, "containerd-harbor", paged.archeio.host, guide_runner.localize(
+        block.body, {SOURCE_NAME: paged.archeio.host, "harbor.example.internal": mirror.host}))
     asked = mirror.log.since(mirror_mark)
     assert any(r.path == "/v2/k8s/pause/manifests/3.10" for r in asked)  # the tag, resolved at the project's path
     fetched = {r.path for r in asked if r.method == "GET"}
