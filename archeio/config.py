@@ -106,6 +106,18 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _providers(value: str) -> tuple[str, ...]:
+    """Comma-separated provider names as the range data names them (any case), canonical."""
+    from iprange.parse import FILE_NAMES  # the one list of providers
+
+    known = {cloud.lower(): cloud for cloud in FILE_NAMES}
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name.lower() not in known]
+    if unknown:
+        raise ValueError(f"unknown provider {unknown[0]!r}: must be " + ", ".join(FILE_NAMES))
+    return tuple(dict.fromkeys(known[name.lower()] for name in names))
+
+
 def _existing_dir(value: str) -> Path | None:
     if not value:
         return None
@@ -185,6 +197,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ranges_dir", "ARCHEIO_RANGES_DIR", "", _existing_dir,
         "Directory of provider range files; empty: the embedded data.",
+    ),
+    Setting(
+        "optional_providers", "ARCHEIO_OPTIONAL_PROVIDERS", "", _providers,
+        "Providers whose ranges may be absent at start (comma-separated: AWS, GCP, Azure). Google "
+        "Cloud's and those of every cloud of the mirror table are required otherwise: a start without "
+        "them exits 2, and a reload never drops them.",
     ),
     Setting(
         "mirrors_file", "ARCHEIO_MIRRORS_FILE", "", _existing_file,
@@ -323,13 +341,22 @@ class Mirrors:
 
 
 def parse_mirrors(text: str) -> Mirrors:
-    """Parse the `[mirrors.<Cloud>]` TOML format; every value must be a base URL."""
+    """Parse the `[mirrors.<Cloud>]` TOML format; every value must be a base URL.
+
+    A cloud is named as the range data names it (AWS, GCP, Azure): a table
+    under another name could never match a client, and its cloud's ranges
+    are required at start (providers.py).
+    """
+    from iprange.parse import FILE_NAMES
+
     doc = tomllib.loads(text)
     tables = doc.get("mirrors", {})
     if not isinstance(tables, dict):
         raise ValueError("`mirrors` must be a table of clouds")
     by_cloud: dict[str, dict[str, str]] = {}
     for cloud, regions in tables.items():
+        if cloud not in FILE_NAMES:
+            raise ValueError(f"[mirrors.{cloud}]: unknown cloud, must be " + ", ".join(FILE_NAMES))
         if not isinstance(regions, dict):
             raise ValueError(f"[mirrors.{cloud}] must be a table of region = URL")
         parsed: dict[str, str] = {}
@@ -362,6 +389,7 @@ class Settings:
     signature_upstream_endpoint: str
     default_aws_base_url: str
     ranges_dir: Path | None
+    optional_providers: tuple[str, ...]
     mirrors_file: Path | None
     trusted_hops: int
     use_forwarded: bool

@@ -309,7 +309,8 @@ def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
 def _ranges(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     now = time.time()
     prefixes = Family(
-        "archeio_ranges_prefixes", "gauge", "Distinct prefixes in the loaded range data.", ("cloud", "worker")
+        "archeio_ranges_prefixes", "gauge", "Distinct prefixes in the loaded range data; 0 for an expected "
+        "provider (Google Cloud, the mirror table's clouds) that has none.", ("cloud", "worker")
     )
     age = Family(
         "archeio_ranges_age_seconds", "gauge", "Seconds since the provider published the loaded "
@@ -324,7 +325,8 @@ def _ranges(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
         for cloud, facts in sorted(snap.get("ranges", {}).items()):
             labels = (cloud, snap["worker"])
             prefixes.add(labels, facts["prefixes"])
-            loaded.add(labels, facts["loaded"])
+            if facts.get("loaded") is not None:  # an expected provider that is absent has no data
+                loaded.add(labels, facts["loaded"])
             if facts.get("published") is not None:
                 age.add(labels, now - facts["published"])
     yield from (prefixes, age, loaded)

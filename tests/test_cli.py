@@ -47,6 +47,7 @@ def run_archeio(*args: str, env: dict[str, str] | None = None, timeout: float = 
         ({"ARCHEIO_HEAD_TIMEOUT": "-1"}, "ARCHEIO_HEAD_TIMEOUT"),
         ({"ARCHEIO_CACHE_SIZE": "0"}, "ARCHEIO_CACHE_SIZE"),
         ({"ARCHEIO_USE_FORWARDED": "maybe"}, "ARCHEIO_USE_FORWARDED"),
+        ({"ARCHEIO_OPTIONAL_PROVIDERS": "AWS,Oracle"}, "ARCHEIO_OPTIONAL_PROVIDERS"),
     ],
 )
 def test_bad_configuration_exits_2_naming_the_variable(env: dict[str, str], variable: str) -> None:
