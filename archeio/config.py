@@ -90,6 +90,13 @@ def _positive_seconds(value: str) -> float:
     return number
 
 
+def _rate(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < 1e9:
+        raise ValueError("must be a number of requests a second, 0 (off) or more")
+    return number
+
+
 def _http_engine(value: str) -> str:
     from .http import ENGINES  # the one list of engines
 
@@ -216,6 +223,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "use_forwarded", "ARCHEIO_USE_FORWARDED", "true", _bool,
         "Take the client address from X-Forwarded-For (false: always the peer address).",
+    ),
+    Setting(
+        "rate_limit", "ARCHEIO_RATE_LIMIT", "0", _rate,
+        "Requests a second each client address may send, per worker process (0: no limit); beyond it, "
+        "429 with Retry-After. The address is the one blobs are routed by; the effective limit is this "
+        "times workers times replicas (docs/operations.md).",
+    ),
+    Setting(
+        "rate_burst", "ARCHEIO_RATE_BURST", "100", _positive_int,
+        "Requests a client may send at once before ARCHEIO_RATE_LIMIT applies (its token bucket's size).",
+    ),
+    Setting(
+        "rate_clients", "ARCHEIO_RATE_CLIENTS", "16384", _positive_int,
+        "Clients whose rate-limit bucket is remembered, per worker (at most 180 bytes each, measured); "
+        "when full, the buckets nearest to full are forgotten first.",
     ),
     Setting(
         "cache_hit_ttl", "ARCHEIO_CACHE_HIT_TTL", "3600", _positive_seconds,
@@ -393,6 +415,9 @@ class Settings:
     mirrors_file: Path | None
     trusted_hops: int
     use_forwarded: bool
+    rate_limit: float
+    rate_burst: int
+    rate_clients: int
     cache_hit_ttl: float
     cache_miss_ttl: float
     cache_error_ttl: float

@@ -181,6 +181,10 @@ class Server:
         provide("cache", lambda: cache.sizes)
         provide("breakers", lambda: {mirror: b.state for mirror, b in cache.breakers.items()})
         provide("reloads", lambda: [[c, o, n] for (c, o), n in reloads.items()])
+        limiter = flow.limiter
+        if limiter is not None:
+            provide("rate_clients", limiter.__len__)
+            provide("rate_forgotten", lambda: limiter.forgotten)
         # Every expected provider is there, with 0 prefixes when absent: an alert can fire on it.
         absent = {cloud: {"prefixes": 0} for cloud in expected_providers(self.settings)}
         provide("ranges", lambda: absent | {
