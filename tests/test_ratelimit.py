@@ -167,3 +167,4 @@ def test_a_full_table_of_the_longest_keys_takes_at_most_180_bytes_a_client(max_c
         tracemalloc.stop()
     assert len(limit) == max_clients
     assert used / max_clients <= 180
+
