@@ -109,17 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         # admin port and has no use for TLS, whose library asyncio would
         # otherwise load (4 MB of its memory). The workers are new processes.
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from iprange import RangeFileError
+
     from .workers import serve
 
-    # A supervisor of workers loads no ranges, so it does not import them either.
-    range_errors: tuple[type[Exception], ...] = ()
-    if settings.workers == 1:
-        from iprange import RangeFileError
-
-        range_errors = (RangeFileError,)
     try:
         serve(settings)  # --workers N: N processes on the port, see workers.py
-    except range_errors as exc:
+    except RangeFileError as exc:  # the range data cannot be served (with workers: the files missing)
         print(f"archeio: configuration error: ARCHEIO_RANGES_DIR: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -323,6 +323,41 @@ def test_base_leaves_trusted_hops_to_the_overlays() -> None:
     assert "ARCHEIO_TRUSTED_HOPS" not in env_of(container(deployment["spec"]["template"]["spec"], "archeio"))
 
 
+# Upstream's per-client limit at Cloud Armor (kubernetes/k8s.io, oci-proxy's
+# cloud-armor.tf since #7070): 2,490 requests per client address in a 30 s window.
+UPSTREAM_WINDOW_REQUESTS, UPSTREAM_WINDOW_SECONDS = 2490, 30
+# Which overlays limit clients in the server: the others have an edge limit in front.
+SERVER_RATE_LIMIT = {"google-lb": False, "ingress-nginx": True}
+
+
+def test_every_overlay_says_whether_the_server_limits_clients() -> None:
+    assert set(OVERLAYS) == set(SERVER_RATE_LIMIT)
+
+
+@pytest.mark.parametrize("overlay", [name for name, on in SERVER_RATE_LIMIT.items() if not on])
+def test_overlay_with_an_edge_limit_leaves_the_servers_limit_off(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str,
+) -> None:
+    assert env_of(server_of(rendered, overlay)).get("ARCHEIO_RATE_LIMIT", "0") == "0"
+
+
+@pytest.mark.parametrize("overlay", [name for name, on in SERVER_RATE_LIMIT.items() if on])
+def test_overlay_limits_each_client_at_upstreams_rate_with_the_fewest_pods(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str,
+) -> None:
+    # The limit holds per worker; each pod gets a share of a client's
+    # requests, and in a pod at least one worker sees them (the overlay's
+    # patch says why): at the autoscaler's minimum, the pods' workers together
+    # allow a client upstream's rate and window count, rounded up to whole
+    # requests a second and no more.
+    env = env_of(server_of(rendered, overlay))
+    pods = by_kind(rendered[overlay])["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+    rate, burst = float(env["ARCHEIO_RATE_LIMIT"]), int(env["ARCHEIO_RATE_BURST"])
+    upstream_rate = UPSTREAM_WINDOW_REQUESTS / UPSTREAM_WINDOW_SECONDS
+    assert upstream_rate <= rate * pods < upstream_rate + pods
+    assert UPSTREAM_WINDOW_REQUESTS <= burst * pods < UPSTREAM_WINDOW_REQUESTS + pods
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_image_is_named_once_and_set_on_every_container(
     rendered: dict[str, list[dict[str, Any]]], overlay: str,

@@ -90,6 +90,17 @@ def test_pod_serves_blob_redirects_from_the_seeded_ranges(pod: Container) -> Non
     assert headers["Location"] == f"https://us-central1-docker.pkg.dev/v2/k8s-artifacts-prod/images/pause/blobs/{BLOB}"
 
 
+def test_pod_is_ready_with_every_expected_providers_ranges_in_each_worker(pod: Container) -> None:
+    # Readiness means the routing data is there: Google Cloud's, and AWS's
+    # (the built-in mirror table's cloud), in both workers, as the metric an
+    # alert watches says.
+    assert http_get(pod.admin_url + "/readyz")[0] == 200
+    samples = scrape(pod)  # type: ignore[arg-type]
+    for worker in ("0", "1"):
+        for cloud in ("AWS", "GCP"):
+            assert total(samples, "archeio_ranges_prefixes", cloud=cloud, worker=worker) > 0, (cloud, worker)
+
+
 def test_pod_loads_azure_from_the_seeded_ranges(pod: Container) -> None:
     # Azure's file comes from the image (the embedded data): the sidecar
     # fetches AWS and Google Cloud only, so it is what the server routes by.
