@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .index import CloudIndex
-from .parse import AWS, AZURE, GCP, ProviderRanges, RangeFileError
+from .index import CloudIndex, mapped
+from .parse import AWS, AZURE, GCP, CompiledPrefixes, ProviderRanges, RangeFileError
 
 _PACKAGE = "cloudip"
 _DATA_FILE = Path("data") / "cloudip.msgpack.gz"
@@ -47,7 +47,7 @@ def _keep(cloud: str, entry: dict[str, object]) -> bool:
 
 
 # Bump when the compiled form changes shape.
-_COMPILED_VERSION = 2
+_COMPILED_VERSION = 3
 
 
 def cache_dir() -> Path:
@@ -79,9 +79,7 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
         doc = json.loads(compiled.read_bytes())
         return [
             ProviderRanges(
-                p["cloud"],
-                tuple((prefix, region) for region, joined in p["regions"].items() for prefix in joined.split()),
-                p["serial"], p["date"], checked=True,
+                p["cloud"], CompiledPrefixes(p["regions"], p["count"]), p["serial"], p["date"], checked=True,
             )
             for p in doc
         ]
@@ -97,10 +95,7 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
             # of a prefix, as the index keeps it), grouped by region and
             # joined with spaces: the fastest form to read back.
             CloudIndex(providers)
-            json.dump([
-                {"cloud": p.cloud, "serial": p.serial, "date": p.date, "regions": _by_region(p.prefixes)}
-                for p in providers
-            ], out)
+            json.dump([_compiled(p) for p in providers], out)
         os.chmod(out.name, 0o644)  # an image built as root is run as another user
         os.replace(out.name, compiled)
     except OSError:
@@ -108,15 +103,26 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
     return providers
 
 
-def _by_region(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """region -> its prefixes joined by spaces, each prefix once (its first region)."""
+def _compiled(provider: ProviderRanges) -> dict[str, object]:
+    """The compiled form of a provider: region -> [IPv4, IPv6, IPv4-mapped IPv6] prefixes joined by
+    spaces, each prefix once (its first region, as the index keeps it)."""
     seen: set[str] = set()
-    grouped: dict[str, list[str]] = {}
-    for prefix, region in pairs:
-        if prefix not in seen:
-            seen.add(prefix)
-            grouped.setdefault(region, []).append(prefix)
-    return {region: " ".join(prefixes) for region, prefixes in grouped.items()}
+    grouped: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    for prefix, region in provider.prefixes:
+        if prefix in seen:
+            continue
+        seen.add(prefix)
+        v4, v6, in_mapped = grouped.setdefault(region, ([], [], []))
+        if ":" in prefix:
+            v6.append(prefix)
+        else:
+            v4.append(prefix)
+            address, _, length = prefix.partition("/")
+            in_mapped.append(mapped(address, length))
+    return {
+        "cloud": provider.cloud, "serial": provider.serial, "date": provider.date, "count": len(seen),
+        "regions": {region: [" ".join(part) for part in parts] for region, parts in grouped.items()},
+    }
 
 
 # One kept entry of the embedded database: (cloud, prefix, region, service), the service as

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import pytricia
 
-from .parse import ProviderRanges, RangeFileError
+from .parse import CompiledPrefixes, ProviderRanges, RangeFileError
 
 
 class Placement(NamedTuple):
@@ -30,7 +30,7 @@ class Placement(NamedTuple):
     region: str
 
 
-def _mapped(address: str, length: str) -> str:
+def mapped(address: str, length: str) -> str:
     """An IPv4 prefix as the IPv6 prefix of its IPv4-mapped addresses (::ffff:0:0/96)."""
     return "::ffff:" + address + "/" + _MAPPED_LENGTHS[length]
 
@@ -78,29 +78,28 @@ class CloudIndex:
                         tree[prefix] = placement
                         count += 1
                         if not is_v6:
-                            self._v6[_mapped(address, length)] = placement
+                            self._v6[mapped(address, length)] = placement
                 except (ValueError, KeyError, SystemError) as exc:
                     raise RangeFileError(f"{provider.cloud}: bad prefix {prefix!r}") from exc
             self.prefix_counts[provider.cloud] = count
 
     def _add_checked(self, provider: ProviderRanges, placements: dict[tuple[str, str], Placement]) -> int:
-        """Insert prefixes already checked and listed once, grouped by region: no checks."""
+        """Insert the compiled embedded data's prefixes: already checked, listed once, grouped by region."""
+        prefixes = provider.prefixes
+        assert isinstance(prefixes, CompiledPrefixes)
         v4, v6 = self._v4, self._v6
-        region = placement = None
-        for prefix, prefix_region in provider.prefixes:
-            if prefix_region is not region:
-                region = prefix_region
-                key = (provider.cloud, region)
-                placement = placements.get(key)
-                if placement is None:
-                    placement = placements[key] = Placement(*key)
-            if ":" in prefix:
-                v6[prefix] = placement
-            else:
+        for region, (in_v4, in_v6, mapped) in prefixes.regions.items():
+            key = (provider.cloud, region)
+            placement = placements.get(key)
+            if placement is None:
+                placement = placements[key] = Placement(*key)
+            for prefix in in_v4.split():
                 v4[prefix] = placement
-                address, _, length = prefix.partition("/")
-                v6[_mapped(address, length)] = placement
-        return len(provider.prefixes)
+            for prefix in in_v6.split():
+                v6[prefix] = placement
+            for prefix in mapped.split():
+                v6[prefix] = placement
+        return len(prefixes)
 
     def __len__(self) -> int:
         return sum(self.prefix_counts.values())
