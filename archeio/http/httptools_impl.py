@@ -49,13 +49,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from ..routing import Decision, LocalAnswer
-from .answers import ERRORS, UNAVAILABLE, reason
+from .answers import ERRORS, UNAVAILABLE, http_date, reason
 from .connections import BUSY, IDLE, ConnectionTracker, Lingering
 from .hosts import GOOD as _GOOD_HOSTS
 from .hosts import valid_host
@@ -121,7 +120,7 @@ class Wire:
 
     def tick(self) -> None:
         """Refresh the Date header; the engine calls this every second."""
-        self.date = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        self.date = b"Date: " + http_date().encode() + b"\r\n"
         self._decided.clear()
 
     def decided(self, decision: Decision, mode: int) -> bytes:
