@@ -23,6 +23,7 @@ from .export import CLOUDS, export
 from .index import InvalidAddress
 from .load import describe, load_index
 from .parse import AWS, AZURE, GCP, RangeFileError
+from .pipes import ended_by_reader
 from .update import DEFAULT_URLS, update
 
 
@@ -103,6 +104,17 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a reader that leaves (`iprange lookup ... | head`) ends it quietly (pipes.py)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a broken pipe is then caught below
+    except BrokenPipeError as error:
+        return ended_by_reader(error)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "update":
         return _update(args)
