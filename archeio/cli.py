@@ -73,24 +73,19 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; a reader that leaves (`archeio settings | head`) ends it quietly (iprange/pipes.py)."""
-    try:
-        try:
-            return _main(argv)
-        finally:
-            sys.stdout.flush()  # here, not at exit: a broken pipe is then caught below
-    except BrokenPipeError as error:
-        from iprange.pipes import ended_by_reader
-
-        return ended_by_reader(error)
-
-
-def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         # Before anything slow: a SIGHUP or SIGTERM during start-up is held
         # until the server can act on it, never fatal (signals.py).
         signals.hold()
+    # A reader that leaves (`archeio settings | head`) ends the command
+    # quietly. (`serve` imports iprange anyway, the supervisor included.)
+    from iprange.pipes import run_quietly
+
+    return run_quietly(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
     from .config import ConfigError, load_settings, settings_table
 

@@ -23,7 +23,7 @@ from .export import CLOUDS, export
 from .index import InvalidAddress
 from .load import describe, load_index
 from .parse import AWS, AZURE, GCP, RangeFileError
-from .pipes import ended_by_reader
+from .pipes import run_quietly
 from .update import DEFAULT_URLS, update
 
 
@@ -105,13 +105,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a reader that leaves (`iprange lookup ... | head`) ends it quietly (pipes.py)."""
-    try:
-        try:
-            return _main(argv)
-        finally:
-            sys.stdout.flush()  # here, not at exit: a broken pipe is then caught below
-    except BrokenPipeError as error:
-        return ended_by_reader(error)
+    return run_quietly(_main, argv)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -8,9 +8,8 @@ gives the same outcome. It is only taken when standard output itself is
 the broken pipe (its reader closed, which poll reports as an error on the
 write end): a broken network connection still fails loudly.
 
-Both command lines use it (iprange/cli.py, archeio/cli.py), importing it
-only when a BrokenPipeError happens: `archeio serve` imports nothing more
-before it holds its signals.
+Both command lines run their commands through `run_quietly` (iprange/cli.py,
+archeio/cli.py; `archeio serve` imports it only once it holds its signals).
 """
 
 from __future__ import annotations
@@ -19,6 +18,10 @@ import os
 import select
 import signal
 import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+Args = TypeVar("Args")
 
 # The exit status of a process killed by SIGPIPE, as a shell reports it.
 STATUS = 128 + signal.SIGPIPE
@@ -32,6 +35,17 @@ def stdout_reader_gone() -> bool:
         return any(events & select.POLLERR for _, events in poller.poll(0))
     except (OSError, ValueError):  # no file descriptor, or not one poll can watch
         return False
+
+
+def run_quietly(main: Callable[[Args], int], argv: Args) -> int:
+    """`main(argv)`'s exit status; `ended_by_reader`'s if standard output's reader left."""
+    try:
+        try:
+            return main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a broken pipe is then caught below
+    except BrokenPipeError as error:
+        return ended_by_reader(error)
 
 
 def ended_by_reader(error: BrokenPipeError) -> int:
