@@ -38,7 +38,6 @@ and writes it.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import Any, Literal, NamedTuple
 
@@ -122,7 +121,6 @@ class RequestFlow:
         self.cache = cache
         self._trusted_hops = settings.trusted_hops
         self._use_forwarded = settings.use_forwarded
-        self._access_sample = settings.access_log
         self._to_mirror_answers = self.latency.answers(_BLOB_TO_MIRROR)
         # The list the answer decided last appends its latency to, once the
         # engine has handed it over (which counts it). An engine that has
@@ -196,7 +194,8 @@ class RequestFlow:
         X-Forwarded-For line joined in order with commas, as text or as the
         raw header bytes (read as latin-1 only if needed: most requests are
         not blobs, and most blobs come from a client seen before). `facts`
-        is what only an access line reads, given while the access log is on.
+        is what only an access line reads, given by the engine for the
+        requests it samples for the access log (ARCHEIO_ACCESS_LOG).
         """
         route = self._classify(method, path)
         if type(route) is not Route:
@@ -205,7 +204,7 @@ class RequestFlow:
         if digest is None:  # anything but a blob we could find in a mirror
             decision = route.plain if not query else self.router.upstream_location(route, query)
             self.last_answer = route.answers  # self._count(route.counted), inline on the hot path
-            if self._access_sample:
+            if facts is not None:
                 self._log(method, path, query, 307, route.kind, decision.backend, None, decision.location,
                           (forwarded, peer, facts))
             return decision
@@ -222,7 +221,7 @@ class RequestFlow:
         if mirror is not None:
             found = self._cached(mirror, digest)
             if found is None:
-                request = (forwarded, peer, facts) if self._access_sample else None
+                request = (forwarded, peer, facts) if facts is not None else None
                 return PendingCheck(method, path, query, route, placement, mirror, request)
             if found:
                 return self._to_mirror(method, path, query, route, mirror, placement, forwarded, peer, facts)
@@ -284,7 +283,7 @@ class RequestFlow:
                                                                                            pending.query)
 
     def delivered(self, pending: PendingCheck, decision: Decision) -> None:
-        """A checked blob's answer is being handed to the transport: count it, sample its access line."""
+        """A checked blob's answer is being handed to the transport: count it, make its access line if sampled."""
         self.last_answer = self._to_mirror_answers if decision.backend == MIRROR else pending.route.answers
         self._count_blob(pending.placement, decision.backend)
         if pending.request is not None:
@@ -303,7 +302,7 @@ class RequestFlow:
             counts[MIRROR] += 1  # type: ignore[index]
         except (KeyError, TypeError):
             self._count_blob(placement, MIRROR)
-        if self._access_sample:
+        if facts is not None:
             self._log(method, path, query, 307, BLOB, MIRROR, placement, decision.location, (forwarded, peer, facts))
         return decision
 
@@ -314,7 +313,7 @@ class RequestFlow:
         decision = route.plain if not query else self.router.upstream_location(route, query)
         self.last_answer = route.answers
         self._count_blob(placement, decision.backend)
-        if self._access_sample:
+        if facts is not None:
             self._log(method, path, query, 307, BLOB, decision.backend, placement, decision.location,
                       (forwarded, peer, facts))
         return decision
@@ -324,7 +323,7 @@ class RequestFlow:
         peer: str | None, facts: RequestFacts | None, kind: str = "other",
     ) -> LocalAnswer:
         self._count((kind, LOCAL, answer.status))
-        if self._access_sample:
+        if facts is not None:
             self._log(method, path, query, answer.status, kind, LOCAL, None, None, (forwarded, peer, facts))
         return answer
 
@@ -376,9 +375,7 @@ class RequestFlow:
         self, method: str, path: str, query: str, status: int, kind: str, backend: str,
         placement: Placement | None, location: str | None, request: AccessContext,
     ) -> None:
-        """Sample one access line (a share `access_log` of answers) and leave it in `sampled` for the engine."""
-        if random.random() >= self._access_sample:
-            return
+        """The access line of a request the engine sampled (it gave `facts`), left in `sampled` for the engine."""
         forwarded, peer, facts = request
         if isinstance(forwarded, bytes):
             forwarded = forwarded.decode("latin-1")

@@ -27,9 +27,10 @@ _SPAN_LIMIT = 1 << 64
 class RequestFacts(NamedTuple):
     """What an access line reads of the request beyond the flow's own inputs.
 
-    The engines capture these only while the access log is on (the choice
-    is made at start-up), as raw header bytes, read as latin-1 characters
-    here, so that both engines write the same line for the same bytes.
+    The engines sample the requests to log (a share ARCHEIO_ACCESS_LOG) and
+    give these only for those: the flow writes a line for a request with
+    facts. Headers come as raw bytes, read as latin-1 characters here, so
+    that both engines write the same line for the same bytes.
     """
 
     trace: bytes | None  # X-Cloud-Trace-Context

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from random import random as _random
 from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any
 
@@ -309,7 +310,7 @@ class AiohttpEngine:
         self.flow = flow
         self.loop = loop
         self.tracker = ConnectionTracker.from_settings(loop, settings)
-        self.access_log = settings.access_log > 0
+        self.access_share = settings.access_log
         self.server = web.Server(
             self._handle,
             keepalive_timeout=settings.keepalive_timeout,
@@ -354,7 +355,8 @@ class AiohttpEngine:
                 forwarded = forwarded.encode("utf-8", "surrogateescape").decode("latin-1")
         try:
             outcome = flow.respond(
-                request.method, path, query, forwarded, request.remote, _facts(request) if self.access_log else None,
+                request.method, path, query, forwarded, request.remote,
+                _facts(request) if self.access_share and _random() < self.access_share else None,
             )
             if type(outcome) is Decision:
                 response = self._counted(_redirect(outcome.location), started)

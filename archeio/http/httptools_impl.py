@@ -55,9 +55,9 @@ pipelined read, a queued, refused or checked request's) is counted by
 microseconds before it.
 
 With the access log on, the protocol is `_LoggingProtocol`, chosen at
-start-up: it also keeps the User-Agent and trace headers and the version
-for the access line, so the usual protocol compares no header it does not
-route by.
+start-up: it samples requests for the access log and keeps the User-Agent
+and trace headers and the version for their lines, so the usual protocol
+compares no header it does not route by.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ import asyncio
 import logging
 from collections import deque
 from email.utils import formatdate
+from random import random as _random
 from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any
 
@@ -669,19 +670,22 @@ class HttpToolsProtocol(asyncio.Protocol):
 
 
 class _LoggingProtocol(HttpToolsProtocol):
-    """The protocol while the access log is on: it also keeps what an access line reads.
+    """The protocol while the access log is on: it samples requests for it and keeps what their lines read.
 
-    User-Agent and X-Cloud-Trace-Context (the first line of each, never a
-    trailer) and the HTTP version, handed to the flow as `RequestFacts`;
-    and the line the flow sampled is written once its answer is rendered.
+    A share ARCHEIO_ACCESS_LOG of requests is sampled when their head is
+    complete; for those the flow gets `RequestFacts`: User-Agent and
+    X-Cloud-Trace-Context (the first line of each, never a trailer) and the
+    HTTP version. The line the flow makes of it is written once its answer
+    is rendered.
     """
 
-    __slots__ = ("_agent", "_trace")
+    __slots__ = ("_agent", "_trace", "_share")
 
     def __init__(self, engine: HttpToolsEngine) -> None:
         super().__init__(engine)
         self._agent: bytes | None = None
         self._trace: bytes | None = None
+        self._share = engine.access_share
 
     def on_header(self, name: bytes, value: bytes) -> None:
         HttpToolsProtocol.on_header(self, name, value)
@@ -695,7 +699,10 @@ class _LoggingProtocol(HttpToolsProtocol):
             self._trace = value
 
     def on_headers_complete(self) -> None:
-        self._facts = RequestFacts(self._trace, self._agent, "HTTP/" + self._parser.get_http_version())
+        if _random() < self._share:
+            self._facts = RequestFacts(self._trace, self._agent, "HTTP/" + self._parser.get_http_version())
+        else:
+            self._facts = None
         self._agent = self._trace = None
         HttpToolsProtocol.on_headers_complete(self)
 
@@ -728,6 +735,7 @@ class HttpToolsEngine:
         # the head's limits plus the slice it began in.
         self.max_request_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
         # The access log's protocol only while it is on (chosen once, here).
+        self.access_share = settings.access_log
         self.protocol: type[HttpToolsProtocol] = _LoggingProtocol if settings.access_log > 0 else HttpToolsProtocol
         self._server: asyncio.AbstractServer | None = None
 
