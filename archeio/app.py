@@ -84,7 +84,7 @@ _UNSEEN: Any = object()
 
 
 # What an access line needs beyond the decision: (X-Forwarded-For, peer
-# address, the engine's facts); only built while the access log is on.
+# address, the engine's facts); only built for a request sampled for the log.
 AccessContext = tuple["Forwarded", str | None, RequestFacts | None]
 
 # X-Forwarded-For, joined: text, or the raw header bytes (latin-1).

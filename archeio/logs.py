@@ -5,9 +5,10 @@ as `extra={"fields": {...}}` is merged into the object, so event logs carry
 their data as fields, not as text to parse.
 
 Access lines (`AccessLine`) are shaped for Cloud Logging's `httpRequest`
-and trace fields. The request flow samples and fills one (app.py); the HTTP
-engine that answered completes it with what only it knows, the bytes it
-sent and when, and writes it.
+and trace fields. The HTTP engine samples the requests to log and gives
+the request flow their `RequestFacts`; the flow fills a line (app.py), and
+the engine completes it with what only it knows, the bytes it sent and
+when, and writes it.
 """
 
 from __future__ import annotations

@@ -61,12 +61,6 @@ _COALESCED = "coalesced"
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _bucket_counts(bounds: tuple[float, ...], seconds: float, into: list[Any]) -> None:
-    """Count `seconds` in its bucket of `into` (one per bound, then +Inf) and add it to the sum, `into[-1]`."""
-    into[bisect_left(bounds, seconds)] += 1
-    into[-1] += seconds
-
-
 class CheckLatency:
     """The histogram of existence HEAD durations, by mirror and outcome."""
 
@@ -81,7 +75,8 @@ class CheckLatency:
         row = self.rows.get((mirror, outcome))
         if row is None:
             row = self.rows[mirror, outcome] = [0] * (len(CHECK_BUCKETS) + 2)
-        _bucket_counts(CHECK_BUCKETS, seconds, row)
+        row[bisect_left(CHECK_BUCKETS, seconds)] += 1  # the first bound >= seconds
+        row[-1] += seconds
 
     def snapshot(self) -> list[list[Any]]:
         """[[mirror, outcome, [bucket counts..., +Inf], sum]]: JSON for the supervisor."""
