@@ -11,11 +11,13 @@ one request and returns what to answer, as data:
 This is the one decision path: the engines serve with it and `archeio
 explain` explains with it (explain.py), so the two cannot disagree.
 
-Answers are counted once they are handed to the transport, never before:
-`respond` counts the answers it returns (both engines write those within
-the same callback), and a checked blob's answer is counted by
-`delivered(pending, decision)`, which the engine calls only if its client
-is still there to be written to.
+Answers are counted once they are handed to the transport, never before,
+and with their latency (metrics.py, `RequestLatency`): the flow names the
+list an answer's latency goes to (`last_answer`, set by `respond`, by
+`delivered(pending, decision)` for a checked blob's answer and by
+`refused`), and the engine appends to it once the answer is written. On
+the hot path that replaces a count with an append, so the latency
+histogram costs the engines little more than two clock readings a read.
 
 No HTTP bytes are made here: reason phrases, the Date header, keep-alive
 and `Connection` lines belong to the engines (archeio/http/), which render
@@ -29,13 +31,13 @@ when there is none; unset, nothing of it is on the path.
 
 Everything here is per process: the range index (swapped whole on reload),
 the router, the existence cache, the rate limit's buckets, and plain
-counters that the metrics exporter reads.
+counters that the metrics exporter reads. A sampled access line is left
+in `sampled` for the engine, which completes it with the bytes it sent
+and writes it.
 """
 
 from __future__ import annotations
 
-import logging
-import random
 import time
 from typing import Any, Literal, NamedTuple
 
@@ -44,6 +46,8 @@ from iprange import CloudIndex, InvalidAddress, Placement
 from .clientip import client_ip, strip_port
 from .config import Settings
 from .existence import BlobExistenceCache
+from .logs import AccessLine, RequestFacts
+from .metrics import RequestLatency
 from .ratelimit import MAX_KEY_LENGTH, RateLimiter, retry_after, too_many_requests
 from .routing import (
     BLOB,
@@ -55,9 +59,6 @@ from .routing import (
     Route,
     Router,
 )
-
-log = logging.getLogger("archeio")
-access_log = logging.getLogger("archeio.access")
 
 # The route kind of answers the HTTP layer gives before any routing (a
 # malformed request, a request line or headers over their limits): the
@@ -82,15 +83,9 @@ FORWARDED_REMEMBERED_LENGTH = 256
 _UNSEEN: Any = object()
 
 
-def _count(counts: dict[Any, int], key: Any) -> None:
-    try:
-        counts[key] += 1
-    except KeyError:
-        counts[key] = 1
-
-# What an access log line needs beyond the decision: (start time, X-Forwarded-For,
-# peer address, X-Cloud-Trace-Context); only built for sampled requests.
-AccessContext = tuple[float, "Forwarded", str | None, bytes | None]
+# What an access line needs beyond the decision: (X-Forwarded-For, peer
+# address, the engine's facts); only built for a request sampled for the log.
+AccessContext = tuple["Forwarded", str | None, RequestFacts | None]
 
 # X-Forwarded-For, joined: text, or the raw header bytes (latin-1).
 Forwarded = str | bytes | None
@@ -119,15 +114,20 @@ class RequestFlow:
         self.settings = settings
         self.index = index
         self.index_loaded_at = time.time()
-        self.router = Router(settings)
+        # Answers and their latencies by (route kind, decision backend, status);
+        # each route carries its key's list (`route.answers`).
+        self.latency = RequestLatency()
+        self.router = Router(settings, self.latency.answers)
         self.cache = cache
         self._trusted_hops = settings.trusted_hops
         self._use_forwarded = settings.use_forwarded
-        self._access_sample = settings.access_log
-        # (route kind, decision backend, status) -> count; read by metrics.
-        # Plain dicts, not Counters: a Counter's `+= 1` costs three times a
-        # dict's (it is a Python subclass, so no fast path applies).
-        self.requests: dict[tuple[str, str, int], int] = {}
+        self._to_mirror_answers = self.latency.answers(_BLOB_TO_MIRROR)
+        # The list the answer decided last appends its latency to, once the
+        # engine has handed it over (which counts it). An engine that has
+        # taken it sets it to `latency.discard`.
+        self.last_answer: list[float] = self.latency.discard
+        # A sampled access line, left for the engine to complete and write.
+        self.sampled: AccessLine | None = None
         # placement (None: in no range) -> backend -> count of blob decisions.
         self._blob_counts: dict[Placement | None, dict[str, int]] = {}
         # Bound methods of the hot path, looked up once.
@@ -159,9 +159,18 @@ class RequestFlow:
 
     def refused(self, status: int) -> None:
         """Count an answer the HTTP layer gave before routing (400, 414, 431, 503)."""
-        _count(self.requests, (HTTP, LOCAL, status))
+        self._count((HTTP, LOCAL, status))
+
+    def _count(self, key: tuple[str, str, int]) -> None:
+        """The answer decided now has this key: it is counted when the engine appends its latency."""
+        self.last_answer = self.latency.answers(key)
 
     # -- metrics ------------------------------------------------------------
+
+    @property
+    def requests(self) -> dict[tuple[str, str, int], int]:
+        """Answers handed over so far, by (route kind, decision backend, status)."""
+        return self.latency.counts()
 
     def request_rows(self) -> list[list[object]]:
         return [[k, b, s, n] for (k, b, s), n in self.requests.items()]
@@ -176,7 +185,7 @@ class RequestFlow:
 
     def respond(
         self, method: str, path: str, query: str, forwarded: Forwarded, peer: str | None,
-        trace: bytes | None = None,
+        facts: RequestFacts | None = None,
     ) -> Outcome:
         """The decision for one request; a `PendingCheck` when a HEAD is needed.
 
@@ -184,21 +193,20 @@ class RequestFlow:
         '?', bytes as latin-1 characters; `forwarded` is every
         X-Forwarded-For line joined in order with commas, as text or as the
         raw header bytes (read as latin-1 only if needed: most requests are
-        not blobs, and most blobs come from a client seen before).
+        not blobs, and most blobs come from a client seen before). `facts`
+        is what only an access line reads, given by the engine for the
+        requests it samples for the access log (ARCHEIO_ACCESS_LOG).
         """
         route = self._classify(method, path)
         if type(route) is not Route:
-            return self._local(route, method, path, query, forwarded, peer, trace)  # type: ignore[arg-type]
+            return self._local(route, method, path, query, forwarded, peer, facts)  # type: ignore[arg-type]
         digest = route.digest
         if digest is None:  # anything but a blob we could find in a mirror
             decision = route.plain if not query else self.router.upstream_location(route, query)
-            try:  # _count(self.requests, ...), inline on the hot path
-                self.requests[route.counted] += 1
-            except KeyError:
-                self.requests[route.counted] = 1
-            if self._access_sample:
+            self.last_answer = route.answers  # self._count(route.counted), inline on the hot path
+            if facts is not None:
                 self._log(method, path, query, 307, route.kind, decision.backend, None, decision.location,
-                          (time.perf_counter(), forwarded, peer, trace))
+                          (forwarded, peer, facts))
             return decision
 
         if forwarded and self._use_forwarded:
@@ -208,20 +216,20 @@ class RequestFlow:
         else:
             placement = self._placement(peer) if peer else False
         if placement is False:  # no usable client address
-            return self._local(CLIENT_IP_INVALID, method, path, query, forwarded, peer, trace, BLOB)
+            return self._local(CLIENT_IP_INVALID, method, path, query, forwarded, peer, facts, BLOB)
         mirror = self._mirror_for(placement)
         if mirror is not None:
             found = self._cached(mirror, digest)
             if found is None:
-                request = (time.perf_counter(), forwarded, peer, trace) if self._access_sample else None
+                request = (forwarded, peer, facts) if facts is not None else None
                 return PendingCheck(method, path, query, route, placement, mirror, request)
             if found:
-                return self._to_mirror(method, path, query, route, mirror, placement, forwarded, peer, trace)
-        return self._to_upstream(method, path, query, route, placement, forwarded, peer, trace)
+                return self._to_mirror(method, path, query, route, mirror, placement, forwarded, peer, facts)
+        return self._to_upstream(method, path, query, route, placement, forwarded, peer, facts)
 
     def _limited(
         self, method: str, path: str, query: str, forwarded: Forwarded, peer: str | None,
-        trace: bytes | None = None,
+        facts: RequestFacts | None = None,
     ) -> Outcome:
         """`respond` under ARCHEIO_RATE_LIMIT: a token from the client's bucket, else a 429."""
         if forwarded and self._use_forwarded:
@@ -238,8 +246,8 @@ class RequestFlow:
                 answer = too_many_requests(seconds)
                 if len(self._too_many) < _TOO_MANY_KEPT:
                     self._too_many[seconds] = answer
-            return self._local(answer, method, path, query, forwarded, peer, trace, RATE_LIMITED)
-        return self._respond(method, path, query, forwarded, peer, trace)
+            return self._local(answer, method, path, query, forwarded, peer, facts, RATE_LIMITED)
+        return self._respond(method, path, query, forwarded, peer, facts)
 
     def _client_key(self, forwarded: str | bytes, peer: str | None) -> str:
         """The address an X-Forwarded-For value makes the client, for the limit: without a port.
@@ -275,8 +283,8 @@ class RequestFlow:
                                                                                            pending.query)
 
     def delivered(self, pending: PendingCheck, decision: Decision) -> None:
-        """A checked blob's answer was handed to the transport: count it, log it."""
-        _count(self.requests, _BLOB_TO_MIRROR if decision.backend == MIRROR else pending.route.counted)
+        """A checked blob's answer is being handed to the transport: count it, make its access line if sampled."""
+        self.last_answer = self._to_mirror_answers if decision.backend == MIRROR else pending.route.answers
         self._count_blob(pending.placement, decision.backend)
         if pending.request is not None:
             self._log(pending.method, pending.path, pending.query, 307, BLOB, decision.backend, pending.placement,
@@ -284,44 +292,39 @@ class RequestFlow:
 
     def _to_mirror(
         self, method: str, path: str, query: str, route: Route, mirror: str, placement: Placement | None,
-        forwarded: Forwarded, peer: str | None, trace: bytes | None,
+        forwarded: Forwarded, peer: str | None, facts: RequestFacts | None,
     ) -> Decision:
         decision = self._mirror_decision(route, mirror)
-        # _count(self.requests, ...) and _count_blob(placement, MIRROR), inline on the hot path
-        try:
-            self.requests[_BLOB_TO_MIRROR] += 1
-        except KeyError:
-            self.requests[_BLOB_TO_MIRROR] = 1
+        # self._count(_BLOB_TO_MIRROR) and _count_blob(placement, MIRROR), inline on the hot path
+        self.last_answer = self._to_mirror_answers
         counts = self._blob_counts.get(placement)
         try:
             counts[MIRROR] += 1  # type: ignore[index]
         except (KeyError, TypeError):
             self._count_blob(placement, MIRROR)
-        if self._access_sample:
-            self._log(method, path, query, 307, BLOB, MIRROR, placement, decision.location,
-                      (time.perf_counter(), forwarded, peer, trace))
+        if facts is not None:
+            self._log(method, path, query, 307, BLOB, MIRROR, placement, decision.location, (forwarded, peer, facts))
         return decision
 
     def _to_upstream(
         self, method: str, path: str, query: str, route: Route, placement: Placement | None,
-        forwarded: Forwarded, peer: str | None, trace: bytes | None,
+        forwarded: Forwarded, peer: str | None, facts: RequestFacts | None,
     ) -> Decision:
         decision = route.plain if not query else self.router.upstream_location(route, query)
-        _count(self.requests, route.counted)
+        self.last_answer = route.answers
         self._count_blob(placement, decision.backend)
-        if self._access_sample:
+        if facts is not None:
             self._log(method, path, query, 307, BLOB, decision.backend, placement, decision.location,
-                      (time.perf_counter(), forwarded, peer, trace))
+                      (forwarded, peer, facts))
         return decision
 
     def _local(
         self, answer: LocalAnswer, method: str, path: str, query: str, forwarded: Forwarded,
-        peer: str | None, trace: bytes | None, kind: str = "other",
+        peer: str | None, facts: RequestFacts | None, kind: str = "other",
     ) -> LocalAnswer:
-        _count(self.requests, (kind, LOCAL, answer.status))
-        if self._access_sample:
-            self._log(method, path, query, answer.status, kind, LOCAL, None, None,
-                      (time.perf_counter(), forwarded, peer, trace))
+        self._count((kind, LOCAL, answer.status))
+        if facts is not None:
+            self._log(method, path, query, answer.status, kind, LOCAL, None, None, (forwarded, peer, facts))
         return answer
 
     def _count_blob(self, placement: Placement | None, backend: str) -> None:
@@ -372,31 +375,16 @@ class RequestFlow:
         self, method: str, path: str, query: str, status: int, kind: str, backend: str,
         placement: Placement | None, location: str | None, request: AccessContext,
     ) -> None:
-        """One access log line as Google Cloud Logging reads it, for a sampled share."""
-        if random.random() >= self._access_sample:
-            return
-        started, forwarded, peer, trace = request
+        """The access line of a request the engine sampled (it gave `facts`), left in `sampled` for the engine."""
+        forwarded, peer, facts = request
         if isinstance(forwarded, bytes):
             forwarded = forwarded.decode("latin-1")
         url = path + ("?" + query if query else "")
         remote = client_ip(forwarded, peer, self._trusted_hops) if self._use_forwarded else peer
-        fields: dict[str, object] = {
-            "httpRequest": {
-                "requestMethod": method, "requestUrl": url, "status": status,
-                "remoteIp": remote or peer, "latency": f"{time.perf_counter() - started:.6f}s",
-            },
+        self.sampled = AccessLine(method, url, status, remote or peer, facts, {
             "kind": kind,
             "backend": backend,
             "cloud": placement.cloud if placement else None,
             "region": placement.region if placement else None,
             "location": location,
-        }
-        if trace:
-            # X-Cloud-Trace-Context: TRACE_ID/SPAN_ID;o=OPTIONS
-            trace_id = trace.split(b"/", 1)[0].decode("latin-1")
-            fields["trace"] = trace_id
-            if self.settings.trace_project:
-                fields["logging.googleapis.com/trace"] = (
-                    f"projects/{self.settings.trace_project}/traces/{trace_id}"
-                )
-        access_log.info("%s %s %s", method, url, status, extra={"fields": fields})
+        }, self.settings.trace_project)

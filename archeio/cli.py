@@ -78,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything slow: a SIGHUP or SIGTERM during start-up is held
         # until the server can act on it, never fatal (signals.py).
         signals.hold()
+    # A reader that leaves (`archeio settings | head`) ends the command
+    # quietly. (`serve` imports iprange anyway, the supervisor included.)
+    from iprange.pipes import run_quietly
+
+    return run_quietly(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = _parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
     from .config import ConfigError, load_settings, settings_table
 

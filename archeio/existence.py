@@ -15,6 +15,11 @@ waits up to 5 s on a slow bucket. Here:
   once more;
 - a failed or timed-out check counts as "not there" and is remembered only
   for the short error TTL;
+- a 403 is "not there" like a 404, and counts as a sensible answer for the
+  breaker: S3 answers 403 for a missing key when the reader may not list
+  the bucket, which a public mirror's policy often allows. It is counted
+  apart (`forbidden`), because a bucket policy that denies reads sends
+  every answer there: an operator alerts on its share;
 - concurrent requests for the same unchecked blob share one HEAD;
 - at most `head_concurrency` HEADs are in flight: a request beyond that is
   answered "not checked" and goes upstream at once instead of queueing;
@@ -49,11 +54,17 @@ log = logging.getLogger("archeio.existence")
 # Outcomes of `BlobExistenceCache.check`, also metric labels.
 HIT = "hit"
 MISS = "miss"
+FORBIDDEN = "forbidden"
 ERROR = "error"
 TIMEOUT = "timeout"
 COALESCED = "coalesced"
 OVER_CAPACITY = "over_capacity"
 BREAKER_OPEN = "breaker_open"
+
+# Outcomes of a HEAD the mirror answered sensibly (the breaker's successes),
+# and of one that failed (remembered for the short error TTL).
+_ANSWERED = frozenset({HIT, MISS, FORBIDDEN})
+_FAILED = frozenset({ERROR, TIMEOUT})
 
 CLOSED = "closed"
 OPEN = "open"
@@ -174,6 +185,14 @@ class ExpiringSet:
             young.add(digest)
             self._young_count += 1
 
+    def sizes(self) -> dict[str, int]:
+        """Entries held per mirror, both generations (as `len` counts them)."""
+        held: dict[str, int] = {}
+        for generation in (self._young, self._old):
+            for mirror, members in generation.items():
+                held[mirror] = held.get(mirror, 0) + len(members)
+        return held
+
     def discard(self, mirror: str, digest: str) -> None:
         for generation in (self._young, self._old):
             members = generation.get(mirror)
@@ -216,7 +235,8 @@ class BlobExistenceCache:
         # on_check(mirror, outcome, seconds): metrics hook, called per check.
         self._on_check = on_check
         self.breakers: dict[str, CircuitBreaker] = {}
-        self.outcomes: Counter[str] = Counter()
+        # (mirror, outcome) -> answers; the mirror is a configured base URL.
+        self.outcomes: Counter[tuple[str, str]] = Counter()
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -255,9 +275,22 @@ class BlobExistenceCache:
             await self._session.close()
             self._session = None
 
+    def count(self, outcome: str) -> int:
+        """Answers with `outcome`, every mirror together."""
+        return sum(n for (_, seen), n in self.outcomes.items() if seen == outcome)
+
     @property
     def sizes(self) -> dict[str, int]:
         return {"hits": len(self._hits), "misses": len(self._misses) + len(self._errors)}
+
+    def size_rows(self) -> list[list[object]]:
+        """[[mirror, cache (hits or misses), entries]]: the caches' sizes by mirror, for metrics."""
+        rows: Counter[tuple[str, str]] = Counter()
+        for cache, sets in (("hits", (self._hits,)), ("misses", (self._misses, self._errors))):
+            for expiring in sets:
+                for mirror, entries in expiring.sizes().items():
+                    rows[mirror, cache] += entries
+        return [[mirror, cache, n] for (mirror, cache), n in rows.items()]
 
     def breaker(self, mirror: str) -> CircuitBreaker:
         breaker = self.breakers.get(mirror)
@@ -277,7 +310,7 @@ class BlobExistenceCache:
         breaker = self.breakers.get(mirror)
         if breaker is not None and breaker.state != CLOSED:
             if not breaker.allow(now):
-                self.outcomes[BREAKER_OPEN] += 1
+                self.outcomes[mirror, BREAKER_OPEN] += 1
                 return False
             if breaker.state == HALF_OPEN:
                 return None  # allow() just granted this request the probe: make it check
@@ -302,7 +335,7 @@ class BlobExistenceCache:
         key = (mirror, digest)
         pending = self._in_flight.get(key)
         if pending is not None:
-            self.outcomes[COALESCED] += 1
+            self.outcomes[mirror, COALESCED] += 1
             if self._on_check is not None:
                 self._on_check(mirror, COALESCED, 0.0)
             return await asyncio.shield(pending)
@@ -315,7 +348,7 @@ class BlobExistenceCache:
             if known is not None:
                 return known
         if len(self._in_flight) >= self._head_concurrency:
-            self.outcomes[OVER_CAPACITY] += 1
+            self.outcomes[mirror, OVER_CAPACITY] += 1
             return False
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
@@ -353,12 +386,13 @@ class BlobExistenceCache:
                 outcome = HIT
             elif status >= 500 or status == 429:
                 outcome = ERROR
+            elif status == 403:
+                outcome = FORBIDDEN  # S3 hiding what it lacks, or a policy denying reads: counted apart
             else:
-                # 404, and 403 from S3 buckets that hide what they lack.
                 outcome = MISS
         now = time.monotonic()
-        self.breaker(mirror).record(outcome in (HIT, MISS), now)
-        self.outcomes[outcome] += 1
+        self.breaker(mirror).record(outcome in _ANSWERED, now)
+        self.outcomes[mirror, outcome] += 1
         if self._on_check is not None:
             self._on_check(mirror, outcome, now - started)
         if outcome == HIT:
@@ -367,7 +401,7 @@ class BlobExistenceCache:
             self._hits.add(mirror, digest, now)
             return True
         self._hits.discard(mirror, digest)
-        (self._misses if outcome == MISS else self._errors).add(mirror, digest, now)
+        (self._errors if outcome in _FAILED else self._misses).add(mirror, digest, now)
         return False
 
 

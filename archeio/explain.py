@@ -14,8 +14,10 @@ It reads the same settings as `serve` (variables and flags), so it explains
 what this deployment would answer.
 
 TARGET is a request path (`/v2/pause/blobs/sha256:...`, a query allowed) or
-an image reference (`pause:3.9`, `pause@sha256:...`, with or without a
-registry host), which stands for its manifest request.
+an image reference (`pause:3.9`, `pause@sha256:...`, without a registry
+host or with `registry.k8s.io`), which stands for its manifest request. A
+reference that names another registry (`docker.io/library/nginx`,
+`localhost:5000/a`) is refused: this deployment never sees its requests.
 """
 
 from __future__ import annotations
@@ -39,11 +41,20 @@ from .routing import BLOB, LOCAL, MIRROR, Decision, LocalAnswer, Router
 
 # What a direct request from this machine would come from.
 DEFAULT_PEER = "127.0.0.1"
+# The registry a reference may name: the one this server is the backend of.
+# (A deployment under another name is explained by path or by a reference
+# without a registry host.)
+REGISTRY = "registry.k8s.io"
+
+
+class TargetError(ValueError):
+    """A TARGET explain cannot stand for a request to this server."""
 
 # existence.py's check outcomes, in words.
 _OUTCOMES = {
     "hit": "found (200)",
-    "miss": "not there (404 or 403)",
+    "miss": "not there (404)",
+    "forbidden": "not there (403: the bucket hides what it lacks from readers who may not list it)",
     "error": "failed (5xx, 429 or a connection error): taken as not there",
     "timeout": "no answer within ARCHEIO_HEAD_TIMEOUT: taken as not there",
     "over_capacity": "not checked (too many HEADs in flight): taken as not there",
@@ -92,16 +103,18 @@ class Explanation:
     query: str
     kind: str  # the route kind, or "local" for an answer of our own
     verdict: str
-    status: int
+    status: int | None  # None: it depends on the mirror, not checked (--no-check); see if_in_mirror
     location: str | None
-    backend: str
+    backend: str | None
     code: str | None = None
     client: Client | None = None
     placement: Where | None = None
     mirror: MirrorChoice | None = None
     check: Check | None = None
-    # With --no-check, a blob's answer depends on the mirror: both are given.
+    # With --no-check, a blob's answer depends on the mirror: both Locations
+    # are given, and status, location and backend are None.
     if_in_mirror: str | None = None
+    if_not_in_mirror: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -128,15 +141,15 @@ class Explanation:
         if self.check is not None:
             c = self.check
             lines.append(("check", f"HEAD {c.url}: {c.meaning}, {c.seconds * 1000:.1f} ms"))
-        answer = f"{self.status}"
-        if self.code:
-            answer += f" {self.code}"
-        if self.location:
-            answer += f" Location: {self.location}"
-        if self.if_in_mirror:
+        if self.if_in_mirror is not None:
             lines.append(("if in mirror", f"307 Location: {self.if_in_mirror}"))
-            lines.append(("otherwise", answer))
+            lines.append(("if not in mirror", f"307 Location: {self.if_not_in_mirror}"))
         else:
+            answer = f"{self.status}"
+            if self.code:
+                answer += f" {self.code}"
+            if self.location:
+                answer += f" Location: {self.location}"
             lines.append(("answer", answer))
         lines.extend(("note", note) for note in self.notes)
         width = max(len(label) for label, _ in lines)
@@ -144,7 +157,7 @@ class Explanation:
 
 
 def request_for(target: str) -> tuple[str, str]:
-    """(raw path, raw query) for a TARGET: a request path, or an image reference."""
+    """(raw path, raw query) for a TARGET: a request path, or an image reference; TargetError if neither."""
     if target.startswith("/"):
         path, _, query = target.partition("?")
         return path, query
@@ -152,6 +165,11 @@ def request_for(target: str) -> tuple[str, str]:
     first, _, remainder = reference.partition("/")
     # A registry host as docker names it: has a dot or a port, or is localhost.
     if remainder and ("." in first or ":" in first or first == "localhost"):
+        if first.lower() != REGISTRY:
+            raise TargetError(
+                f"{target!r} names the registry {first}, not {REGISTRY}: explain answers for this server "
+                f"only; give {remainder!r} or a request path"
+            )
         reference = remainder
     if "@" in reference:
         name, _, digest = reference.partition("@")
@@ -286,8 +304,10 @@ async def explain(
                 result.notes.append("the blob is served by the source registry")
         else:
             result.if_in_mirror = flow.decide_checked(outcome, True).location
-            decision = flow.decide_checked(outcome, False)
+            result.if_not_in_mirror = flow.decide_checked(outcome, False).location
+            result.status = result.backend = None
             result.notes.append("--no-check: the answer depends on whether the mirror holds the blob")
+            return result
     else:
         decision = outcome
         if mirror is None:
@@ -323,6 +343,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"archeio: configuration error: ARCHEIO_RANGES_DIR: {exc}", file=sys.stderr)
         return 2
     peer = args.client if args.client is not None else (None if args.forwarded is not None else DEFAULT_PEER)
+    try:
+        request_for(args.target)
+    except TargetError as exc:
+        print(f"archeio explain: {exc}", file=sys.stderr)
+        return 2
     result = asyncio.run(explain(
         settings, index, args.target, peer=peer, forwarded=args.forwarded, method=args.method,
         check=not args.no_check,

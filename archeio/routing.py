@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
 from iprange import GCP, Placement
@@ -119,7 +120,8 @@ class Route(NamedTuple):
     The rest is made once per route, because the router remembers routes
     by path and popular paths repeat: `plain` is the decision for a request
     without a query, `counted` the (kind, backend, status) key of its
-    metric.
+    metric, and `answers` what the request flow counts it by (given by the
+    flow: the router only hands it on, app.py).
     """
 
     kind: str
@@ -129,6 +131,7 @@ class Route(NamedTuple):
     backend: str
     plain: Decision
     counted: tuple[str, str, int]
+    answers: Any = None
 
 
 def oci_error(status: int, code: str, message: str) -> LocalAnswer:
@@ -193,8 +196,10 @@ def decode_path(raw: str) -> str | None:
 class Router:
     """Classifies requests and decides redirects for one configuration."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, answers: Callable[[tuple[str, str, int]], Any] | None = None) -> None:
+        """`answers(key)`: what routes of that counting key carry as `answers` (None without it)."""
         self.settings = settings
+        self._answers = answers
         path = settings.upstream_registry_path
         # `<path>/`: a name starting with it is already an upstream name.
         self._path_prefix = path + "/" if path else ""
@@ -286,7 +291,9 @@ class Router:
             root = self._signature_prefix if signature else self._upstream_prefix
         backend = SIGNATURE_UPSTREAM if signature else UPSTREAM
         upstream = root + rest
-        return Route(kind, rest, digest, upstream, backend, Decision(upstream, backend), (kind, backend, 307))
+        key = (kind, backend, 307)
+        return Route(kind, rest, digest, upstream, backend, Decision(upstream, backend), key,
+                     self._answers(key) if self._answers is not None else None)
 
     @staticmethod
     def upstream_location(route: Route, query: str) -> Decision:

@@ -132,7 +132,7 @@ async def test_checks_beyond_the_cap_are_not_queued(bucket: Any) -> None:
         mirror = bucket.base("m")
         results = await asyncio.gather(*(cache.check(mirror, f"sha256:{i:064x}") for i in range(6)))
         assert results == [False] * 6
-        assert cache.outcomes["over_capacity"] == 4
+        assert cache.count("over_capacity") == 4
         assert sum(bucket.heads.values()) == 2
     finally:
         await cache.close()
@@ -147,7 +147,7 @@ async def test_concurrent_checks_of_one_blob_share_a_head(bucket: Any) -> None:
         results = await asyncio.gather(*(cache.check(bucket.base("m"), D) for _ in range(10)))
         assert results == [True] * 10
         assert bucket.heads[f"m/{D}"] == 1
-        assert cache.outcomes["coalesced"] == 9
+        assert cache.count("coalesced") == 9
     finally:
         await cache.close()
 

@@ -136,7 +136,50 @@ async def test_no_check_gives_both_possible_answers(settings: Settings, index: C
     result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AWS_EU_WEST_3), check=False)
     assert result.check is None and sum(bucket.heads.values()) == 0
     assert result.if_in_mirror == f"{bucket.base('eu')}/containers/images/{HELD}"
-    assert result.location == UP + f"pause/blobs/{HELD}"
+    assert result.if_not_in_mirror == UP + f"pause/blobs/{HELD}"
+
+
+def test_no_check_json_says_the_answer_is_unknown_beside_both_candidates(
+    settings: Settings, bucket: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ARCHEIO_RANGES_DIR", str(settings.ranges_dir))
+    monkeypatch.setenv("ARCHEIO_MIRRORS_FILE", str(settings.mirrors_file))
+    monkeypatch.setenv("UPSTREAM_REGISTRY_ENDPOINT", "http://upstream.example")
+    args = ["explain", "--json", "--no-check", "--forwarded", lb(AWS_EU_WEST_3), f"/v2/pause/blobs/{HELD}"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # Without the check nobody knows the answer: it is null, not one of the two guessed.
+    assert (printed["status"], printed["location"], printed["backend"]) == (None, None, None)
+    assert printed["if_in_mirror"] == f"{bucket.base('eu')}/containers/images/{HELD}"
+    assert printed["if_not_in_mirror"] == UP + f"pause/blobs/{HELD}"
+    assert sum(bucket.heads.values()) == 0
+
+
+def test_no_check_human_output_names_both_candidates_and_no_answer(
+    settings: Settings, bucket: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ARCHEIO_RANGES_DIR", str(settings.ranges_dir))
+    monkeypatch.setenv("ARCHEIO_MIRRORS_FILE", str(settings.mirrors_file))
+    assert main(["explain", "--no-check", "--forwarded", lb(AWS_EU_WEST_3), f"/v2/pause/blobs/{HELD}"]) == 0
+    labels = [line.split("  ", 1)[0] for line in capsys.readouterr().out.splitlines()]
+    assert "if in mirror" in labels and "if not in mirror" in labels
+    assert "answer" not in labels
+
+
+@pytest.mark.parametrize(
+    "target", ["docker.io/library/nginx:latest", "gcr.io/x/y:1", "localhost:5000/a:b", "quay.io/pause@" + HELD],
+)
+def test_reference_to_another_registry_is_refused_in_one_line(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", target]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and target in lines[0] and "registry.k8s.io" in lines[0], captured.err
+
+
+def test_reference_to_this_registry_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--json", "registry.k8s.io/pause:3.9"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == "/v2/pause/manifests/3.9"
 
 
 async def test_manifest_does_not_depend_on_the_client(settings: Settings, index: CloudIndex) -> None:
@@ -152,7 +195,7 @@ async def test_manifest_does_not_depend_on_the_client(settings: Settings, index:
         ("pause", "/v2/pause/manifests/latest"),
         ("kubernetes/pause@" + HELD, "/v2/kubernetes/pause/manifests/" + HELD),
         ("registry.k8s.io/pause:3.9", "/v2/pause/manifests/3.9"),
-        ("localhost:5000/a/b:1", "/v2/a/b/manifests/1"),
+        ("REGISTRY.K8S.IO/pause@" + HELD, "/v2/pause/manifests/" + HELD),
         ("/v2/pause/tags/list?n=2", "/v2/pause/tags/list"),
     ],
 )
