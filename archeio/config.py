@@ -176,7 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "signature_upstream_endpoint", "SIGNATURE_UPSTREAM_ENDPOINT", "", _optional_base_url,
-        "Registry for cosign `.sig`/`.att` tags and the referrers API; empty: the source registry.",
+        "Registry for cosign `.sig`/`.att` tags and the referrers API; empty: the source registry. "
+        "When set to another registry, it is also where content by digest goes when the source registry "
+        "lacks it (manifests by digest, and blobs no mirror serves, checked there first).",
     ),
     Setting(
         "default_aws_base_url", "DEFAULT_AWS_BASE_URL", "https://d1be1w964nk82h.cloudfront.net",
@@ -393,6 +395,17 @@ class Settings:
     mirrors: Mirrors = field(default_factory=Mirrors)
     info_url: str = INFO_URL
     privacy_url: str = PRIVACY_URL
+
+    @property
+    def signature_fallback(self) -> bool:
+        """Content by digest that the source registry lacks goes to the signature upstream.
+
+        Only when that is another registry: signatures pushed to the
+        source registry itself need no fallback.
+        """
+        return bool(self.signature_upstream_endpoint) and (
+            self.signature_upstream_endpoint != self.upstream_registry_endpoint
+        )
 
     def summary(self) -> dict[str, object]:
         """The loaded configuration, for the start-up log line."""
