@@ -271,16 +271,17 @@ def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
             for i, n in enumerate(counts):
                 into[i] += n
     checks = Family(
-        "archeio_existence_checks", "counter", "Blob existence answers that needed the mirror, by "
-        "outcome (hit, miss, error, timeout: a HEAD; coalesced: shared another's HEAD; "
-        "over_capacity, breaker_open: none sent).",
+        "archeio_existence_checks", "counter", "Existence answers that needed the mirror (or, with the "
+        "signature fallback, the regional upstream), by outcome (hit, miss, error, timeout: a HEAD; "
+        "coalesced: shared another's HEAD; over_capacity, breaker_open: none sent).",
         ("outcome",),
     )
     for outcome, count in sorted(_sum_maps(snaps, "checks").items()):
         checks.add((outcome,), count)
     yield checks
     latency = Family(
-        "archeio_existence_check_seconds", "histogram", "Duration of existence HEADs to mirrors, by outcome.",
+        "archeio_existence_check_seconds", "histogram", "Duration of existence HEADs to mirrors (and the "
+        "regional upstream), by outcome.",
         ("outcome",),
     )
     seconds = _sum_maps(snaps, "check_seconds")
@@ -294,8 +295,8 @@ def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
         sizes.add((cache,), count)
     yield sizes
     breakers = Family(
-        "archeio_mirror_breaker_state", "gauge", "Workers whose circuit breaker for the mirror is in "
-        "the state (closed, open, half_open); mirrors appear once checked.",
+        "archeio_mirror_breaker_state", "gauge", "Workers whose circuit breaker for the mirror (or the "
+        "regional upstream, by its URL) is in the state (closed, open, half_open); each appears once checked.",
         ("mirror", "state"),
     )
     states: Counter[tuple[str, str]] = Counter()
