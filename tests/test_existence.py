@@ -16,6 +16,13 @@ import pytest
 from archeio.existence import CLOSED, HALF_OPEN, OPEN, BlobExistenceCache, CircuitBreaker
 
 D = "sha256:" + "d" * 64
+# The signature fallback's checks: content by digest in a repository of the regional upstream.
+MANIFEST_KEY = "pause/manifests/" + D
+OTHER_KEY = "other/manifests/" + D
+
+
+def registry_url(bucket: Any, key: str) -> str:
+    return f"{bucket.url}/v2/{key}"
 
 
 def make(**overrides: Any) -> BlobExistenceCache:
@@ -140,15 +147,26 @@ async def test_checks_beyond_the_cap_are_not_queued(bucket: Any) -> None:
         await cache.close()
 
 
-async def test_concurrent_checks_of_one_blob_share_a_head(bucket: Any) -> None:
-    bucket.add("m", D)
+@pytest.mark.parametrize("kind", ["mirror", "registry"])
+async def test_concurrent_checks_of_one_key_share_a_head(bucket: Any, kind: str) -> None:
     bucket.delay = 0.2
     cache = make()
-    await cache.start()
+    if kind == "mirror":
+        bucket.add("m", D)
+        key = f"m/{D}"
+
+        def check() -> Any:
+            return cache.check(bucket.base("m"), D)
+    else:  # the signature fallback's check of the regional upstream
+        bucket.add_to_registry("pause", D)
+        key = f"registry/pause/{D}"
+
+        def check() -> Any:
+            return cache.check_registry(bucket.url, MANIFEST_KEY, registry_url(bucket, MANIFEST_KEY))
     try:
-        results = await asyncio.gather(*(cache.check(bucket.base("m"), D) for _ in range(10)))
+        results = await asyncio.gather(*(check() for _ in range(10)))
         assert results == [True] * 10
-        assert bucket.heads[f"m/{D}"] == 1
+        assert bucket.heads[key] == 1
         assert cache.outcomes["coalesced"] == 9
     finally:
         await cache.close()
@@ -204,14 +222,6 @@ def test_expiring_set_holds_at_most_its_capacity() -> None:
 
 # -- the registry check of the signature fallback: content by digest, by repository ---------
 
-MANIFEST_KEY = "pause/manifests/" + D
-OTHER_KEY = "other/manifests/" + D
-
-
-def registry_url(bucket: Any, key: str) -> str:
-    return f"{bucket.url}/v2/{key}"
-
-
 async def test_registry_check_is_keyed_by_repository_not_by_digest_alone(bucket: Any) -> None:
     bucket.add_to_registry("pause", D)
     cache = make()
@@ -236,19 +246,6 @@ async def test_registry_check_accepts_every_manifest_and_index_media_type(bucket
             "application/vnd.docker.distribution.manifest.v2+json",
             "application/vnd.docker.distribution.manifest.list.v2+json",
         }
-    finally:
-        await cache.close()
-
-
-async def test_concurrent_registry_checks_of_one_key_share_a_head(bucket: Any) -> None:
-    bucket.add_to_registry("pause", D)
-    bucket.delay = 0.2
-    cache = make()
-    try:
-        url = registry_url(bucket, MANIFEST_KEY)
-        results = await asyncio.gather(*(cache.check_registry(bucket.url, MANIFEST_KEY, url) for _ in range(10)))
-        assert results == [True] * 10
-        assert bucket.heads[f"registry/pause/{D}"] == 1 and cache.outcomes["coalesced"] == 9
     finally:
         await cache.close()
 

@@ -214,17 +214,23 @@ CONSISTENCY_CASES = [
 ]
 
 
-async def test_explain_answers_what_the_running_server_answers(
-    settings: Settings, index: CloudIndex, start_server: Any,
+async def assert_explain_agrees_with_the_server(
+    settings: Settings, index: CloudIndex, start_server: Any, cases: list[tuple[str, str | None]],
 ) -> None:
     server = await start_server(settings)
     async with aiohttp.ClientSession() as session:
-        for target, forwarded in CONSISTENCY_CASES:
+        for target, forwarded in cases:
             headers = {"X-Forwarded-For": forwarded} if forwarded else {}
             async with session.get(server.url + target, headers=headers, allow_redirects=False) as response:
                 served = (response.status, response.headers.get("Location"))
             result = await explain(settings, index, target, forwarded=forwarded)
             assert (result.status, result.location) == served, (target, forwarded)
+
+
+async def test_explain_answers_what_the_running_server_answers(
+    settings: Settings, index: CloudIndex, start_server: Any,
+) -> None:
+    await assert_explain_agrees_with_the_server(settings, index, start_server, CONSISTENCY_CASES)
 
 
 # -- the signature fallback: the upstream's check and its outcomes ---------------------------
@@ -317,11 +323,4 @@ FALLBACK_CONSISTENCY_CASES = [
 async def test_explain_answers_what_the_running_server_answers_with_the_fallback(
     fallback_settings: Settings, index: CloudIndex, start_server: Any,
 ) -> None:
-    server = await start_server(fallback_settings)
-    async with aiohttp.ClientSession() as session:
-        for target, forwarded in FALLBACK_CONSISTENCY_CASES:
-            headers = {"X-Forwarded-For": forwarded} if forwarded else {}
-            async with session.get(server.url + target, headers=headers, allow_redirects=False) as response:
-                served = (response.status, response.headers.get("Location"))
-            result = await explain(fallback_settings, index, target, forwarded=forwarded)
-            assert (result.status, result.location) == served, (target, forwarded)
+    await assert_explain_agrees_with_the_server(fallback_settings, index, start_server, FALLBACK_CONSISTENCY_CASES)
