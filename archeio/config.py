@@ -220,7 +220,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "head_timeout", "ARCHEIO_HEAD_TIMEOUT", "1.0", _positive_seconds,
-        "Deadline in seconds for one existence HEAD to a mirror (upstream: 5).",
+        "Deadline in seconds for one existence HEAD to a mirror, or to the upstream for the signature "
+        "fallback (upstream: 5).",
     ),
     Setting(
         "head_concurrency", "ARCHEIO_HEAD_CONCURRENCY", "256", _positive_int,
@@ -228,7 +229,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "breaker_failures", "ARCHEIO_BREAKER_FAILURES", "5", _positive_int,
-        "Consecutive failed HEADs that open a mirror's circuit breaker.",
+        "Consecutive failed HEADs that open a mirror's (or the upstream's) circuit breaker.",
     ),
     Setting(
         "breaker_cooldown", "ARCHEIO_BREAKER_COOLDOWN", "10", _positive_seconds,
