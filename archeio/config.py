@@ -216,7 +216,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "cache_size", "ARCHEIO_CACHE_SIZE", "200000", _positive_int,
         "Entries in each of the hit and miss caches (bounds memory: about 240 bytes a configured entry, "
-        "measured); each forgets half of its entries at a time when full.",
+        "measured; up to 570 with the signature fallback, whose entries hold the repository name); each "
+        "forgets half of its entries at a time when full.",
     ),
     Setting(
         "head_timeout", "ARCHEIO_HEAD_TIMEOUT", "1.0", _positive_seconds,
