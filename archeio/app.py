@@ -52,8 +52,10 @@ from .routing import (
     BLOB,
     CLIENT_IP_INVALID,
     LOCAL,
+    MANIFEST,
     MIRROR,
     OTHER,
+    SIGNATURE_FALLBACK,
     Decision,
     DigestRoute,
     LocalAnswer,
@@ -70,6 +72,10 @@ access_log = logging.getLogger("archeio.access")
 HTTP = "http"
 
 _BLOB_TO_MIRROR = (BLOB, MIRROR, 307)
+# The metric keys of the signature fallback's answers, one object per kind:
+# a dict finds a key it holds by identity, without comparing tuples, so
+# every count of one answer must use the same key object (see `_counted`).
+_FALLBACK_COUNTED = {kind: (kind, SIGNATURE_FALLBACK, 307) for kind in (BLOB, MANIFEST)}
 # Distinct X-Forwarded-For values whose placement is remembered, and the
 # longest value remembered: Google's load balancer sends `<client>, <lb>`
 # (at most about 80 characters), so a real client's value fits with room
@@ -93,6 +99,21 @@ AccessContext = tuple[float, "Forwarded", str | None, bytes | None]
 
 # X-Forwarded-For, joined: text, or the raw header bytes (latin-1).
 Forwarded = str | bytes | None
+
+
+def _counted(route: Route, backend: str) -> tuple[str, str, int]:
+    """The key `requests` counts a redirect of `route` to `backend` under.
+
+    The same object as the hot path's (`_BLOB_TO_MIRROR`, `route.counted`)
+    where that counts the same answer: whichever is counted first becomes
+    the dict's key, and an equal key of another identity would make every
+    later count compare tuples (about 380 instructions a request, measured).
+    """
+    if backend == MIRROR:
+        return _BLOB_TO_MIRROR
+    if backend == route.backend:
+        return route.counted
+    return _FALLBACK_COUNTED.get(route.kind) or (route.kind, backend, 307)
 
 
 class PendingCheck(NamedTuple):
@@ -241,7 +262,7 @@ class RequestFlow:
 
     def _count_answer(self, route: Route, placement: Placement | None, decision: Decision) -> None:
         """Count a redirect off the hot path: by kind and backend, and a blob's by placement too."""
-        _count(self.requests, (route.kind, decision.backend, 307))
+        _count(self.requests, _counted(route, decision.backend))
         if route.kind == BLOB:
             self._count_blob(placement, decision.backend)
 
