@@ -423,13 +423,27 @@ class FallbackFlow(RequestFlow):
         self, method: str, path: str, query: str, route: Route, placement: Placement | None,
         forwarded: Forwarded, peer: str | None, trace: bytes | None,
     ) -> Decision | PendingCheck:
-        """Content by digest no mirror serves: the regional upstream's answer, or a check of it."""
+        """Content by digest no mirror serves: the regional upstream's answer, or a check of it.
+
+        Inline where it can be: every pull fetches its platform manifest by
+        digest, so a known "present" is this flow's most common answer.
+        """
         found = self._cached(self._regional, route.rest)
-        if found is None:
+        if found:
+            decision = route.plain if not query else self.router.upstream_location(route, query)
+            counted = route.counted
+        elif found is None:
             request = (time.perf_counter(), forwarded, peer, trace) if self._access_sample else None
             return PendingCheck(method, path, query, route, placement, None, request)
-        decision = self.decide_upstream(route, query, found)
-        self._count_answer(route, placement, decision)
+        else:
+            decision = self.router.fallback_location(route, query)
+            counted = _FALLBACK_COUNTED[route.kind]
+        try:  # _count(self.requests, counted), inline
+            self.requests[counted] += 1
+        except KeyError:
+            self.requests[counted] = 1
+        if route.kind == BLOB:
+            self._count_blob(placement, decision.backend)
         if self._access_sample:
             self._log(method, path, query, 307, route.kind, decision.backend, placement, decision.location,
                       (time.perf_counter(), forwarded, peer, trace))
