@@ -31,9 +31,13 @@ and cache them as they see fit. Keeping the synchronous path free of
 coroutines is what makes the hot path cheap: a blob whose existence is
 cached, and every manifest, is decided without creating a task.
 
+With `ARCHEIO_RATE_LIMIT` set, `respond` is bound at start-up to one that
+first takes a token from the client's bucket (ratelimit.py) and answers 429
+when there is none; unset, nothing of it is on the path.
+
 Everything here is per process: the range index (swapped whole on reload),
-the router, the existence cache, and plain counters that the metrics
-exporter reads.
+the router, the existence cache, the rate limit's buckets, and plain
+counters that the metrics exporter reads.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from iprange import CloudIndex, InvalidAddress, Placement
 from .clientip import client_ip, strip_port
 from .config import Settings
 from .existence import BlobExistenceCache
+from .ratelimit import MAX_KEY_LENGTH, RateLimiter, retry_after, too_many_requests
 from .routing import (
     BLOB,
     CLIENT_IP_INVALID,
@@ -70,6 +75,12 @@ access_log = logging.getLogger("archeio.access")
 # malformed request, a request line or headers over their limits): the
 # `kind` label of their metrics.
 HTTP = "http"
+# The route kind of a 429 for a client over ARCHEIO_RATE_LIMIT: refused
+# before it is routed, whatever it asked for.
+RATE_LIMITED = "rate_limited"
+# Retry-After values whose 429 is kept made (a wait is at most one
+# interval of the rate, so at most 1 + 1 / rate values ever occur).
+_TOO_MANY_KEPT = 64
 
 _BLOB_TO_MIRROR = (BLOB, MIRROR, 307)
 # The metric keys of the signature fallback's answers, one object per kind:
@@ -166,6 +177,19 @@ class RequestFlow:
         self._mirror_for = self.router.mirror_for
         self._mirror_decision = self.router.mirror_decision
         self._cached = cache.cached
+        # The limit is chosen here, once: with it on, `respond` is the
+        # limited one (an instance attribute, found before the method), so
+        # with it off the hot path has not even a test of it.
+        self.limiter: RateLimiter | None = None
+        if settings.rate_limit:
+            self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst, settings.rate_clients)
+            self._wait = self.limiter.wait
+            self._respond = self.respond
+            self._too_many: dict[int, LocalAnswer] = {}
+            # X-Forwarded-For value -> the client address it names, remembered
+            # as placements are (the same bounds).
+            self._keys: dict[str | bytes, str] = {}
+            self.respond = self._limited  # type: ignore[method-assign]
 
     def swap_index(self, index: CloudIndex) -> None:
         """Replace the range index whole: requests see the old or the new one."""
@@ -234,6 +258,49 @@ class RequestFlow:
             if found:
                 return self._to_mirror(method, path, query, route, mirror, placement, forwarded, peer, trace)
         return self._to_upstream(method, path, query, route, placement, forwarded, peer, trace)
+
+    def _limited(
+        self, method: str, path: str, query: str, forwarded: Forwarded, peer: str | None,
+        trace: bytes | None = None,
+    ) -> Outcome:
+        """`respond` under ARCHEIO_RATE_LIMIT: a token from the client's bucket, else a 429."""
+        if forwarded and self._use_forwarded:
+            key = self._keys.get(forwarded)
+            if key is None:
+                key = self._client_key(forwarded, peer)
+        else:
+            key = peer or ""
+        wait = self._wait(key)
+        if wait:
+            seconds = retry_after(wait)
+            answer = self._too_many.get(seconds)
+            if answer is None:
+                answer = too_many_requests(seconds)
+                if len(self._too_many) < _TOO_MANY_KEPT:
+                    self._too_many[seconds] = answer
+            return self._local(answer, method, path, query, forwarded, peer, trace, RATE_LIMITED)
+        return self._respond(method, path, query, forwarded, peer, trace)
+
+    def _client_key(self, forwarded: str | bytes, peer: str | None) -> str:
+        """The address an X-Forwarded-For value makes the client, for the limit: without a port.
+
+        The one blobs are routed by. With no usable address in the header
+        (too few entries for the trusted hops, or an entry too long to be an
+        address) the request did not come the way the header says: its
+        sender, the peer, is counted. A key taken from the header alone is
+        remembered for the value, as `_client_placement` remembers
+        placements.
+        """
+        text = forwarded.decode("latin-1") if type(forwarded) is bytes else forwarded
+        address = client_ip(text, peer, self._trusted_hops)  # type: ignore[arg-type]
+        if not address or address is peer or len(address) > MAX_KEY_LENGTH:
+            return peer or ""
+        key = strip_port(address)
+        if len(forwarded) <= FORWARDED_REMEMBERED_LENGTH:
+            if len(self._keys) >= CLIENTS_REMEMBERED:
+                self._keys.clear()
+            self._keys[forwarded] = key
+        return key
 
     async def respond_after_check(self, pending: PendingCheck) -> Decision:
         """The blob's decision once the mirror has been asked (not counted yet: `delivered`)."""

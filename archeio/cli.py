@@ -1,4 +1,4 @@
-"""The `archeio` command line: `serve`, `settings`, `mirror`, `explain`.
+"""The `archeio` command line: `serve`, `settings`, `mirror`, `explain`, `hosts`.
 
 Only argument handling lives here; `server` runs things. A configuration
 error prints one line naming the variable and exits with status 2.
@@ -19,7 +19,7 @@ from . import signals
 if TYPE_CHECKING:
     import argparse
 
-COMMANDS = ("serve", "settings", "mirror", "explain")
+COMMANDS = ("serve", "settings", "mirror", "explain", "hosts")
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -59,6 +59,16 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from .explain import add_arguments as add_explain_arguments
 
         add_explain_arguments(explain)
+    hosts = commands.add_parser(
+        "hosts", help="list every host a pull may be redirected to (for allow-lists)",
+        description="Every host this deployment's answers may send a pull to: the source and signature "
+        "registries, each blob mirror and the default one, and with --regions the hosts of a table of "
+        "deployments in other regions. Reads the same settings as `serve`.",
+    )
+    if command in (None, "hosts"):
+        from .hosts import add_arguments as add_hosts_arguments
+
+        add_hosts_arguments(hosts)
     return parser
 
 
@@ -82,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         from .explain import run as run_explain
 
         return run_explain(args)
+    if args.command == "hosts":
+        from .hosts import run as run_hosts
+
+        return run_hosts(args)
     from .logs import setup_logging
 
     try:
@@ -95,17 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         # admin port and has no use for TLS, whose library asyncio would
         # otherwise load (4 MB of its memory). The workers are new processes.
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    from iprange import RangeFileError
+
     from .workers import serve
 
-    # A supervisor of workers loads no ranges, so it does not import them either.
-    range_errors: tuple[type[Exception], ...] = ()
-    if settings.workers == 1:
-        from iprange import RangeFileError
-
-        range_errors = (RangeFileError,)
     try:
         serve(settings)  # --workers N: N processes on the port, see workers.py
-    except range_errors as exc:
+    except RangeFileError as exc:  # the range data cannot be served (with workers: the files missing)
         print(f"archeio: configuration error: ARCHEIO_RANGES_DIR: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -90,6 +90,13 @@ def _positive_seconds(value: str) -> float:
     return number
 
 
+def _rate(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < 1e9:
+        raise ValueError("must be a number of requests a second, 0 (off) or more")
+    return number
+
+
 def _http_engine(value: str) -> str:
     from .http import ENGINES  # the one list of engines
 
@@ -104,6 +111,18 @@ def _fraction(value: str) -> float:
     if not 0 <= number <= 1:
         raise ValueError("must be a number from 0 to 1")
     return number
+
+
+def _providers(value: str) -> tuple[str, ...]:
+    """Comma-separated provider names as the range data names them (any case), canonical."""
+    from iprange.parse import FILE_NAMES  # the one list of providers
+
+    known = {cloud.lower(): cloud for cloud in FILE_NAMES}
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name.lower() not in known]
+    if unknown:
+        raise ValueError(f"unknown provider {unknown[0]!r}: must be " + ", ".join(FILE_NAMES))
+    return tuple(dict.fromkeys(known[name.lower()] for name in names))
 
 
 def _existing_dir(value: str) -> Path | None:
@@ -189,6 +208,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Directory of provider range files; empty: the embedded data.",
     ),
     Setting(
+        "optional_providers", "ARCHEIO_OPTIONAL_PROVIDERS", "", _providers,
+        "Providers whose ranges may be absent at start (comma-separated: AWS, GCP, Azure). Google "
+        "Cloud's and those of every cloud of the mirror table are required otherwise: a start without "
+        "them exits 2, and a reload never drops them.",
+    ),
+    Setting(
         "mirrors_file", "ARCHEIO_MIRRORS_FILE", "", _existing_file,
         "TOML table of blob mirrors by cloud and region; empty: upstream's built-in AWS table.",
     ),
@@ -200,6 +225,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "use_forwarded", "ARCHEIO_USE_FORWARDED", "true", _bool,
         "Take the client address from X-Forwarded-For (false: always the peer address).",
+    ),
+    Setting(
+        "rate_limit", "ARCHEIO_RATE_LIMIT", "0", _rate,
+        "Requests a second each client address may send, per worker process (0: no limit); beyond it, "
+        "429 with Retry-After. The address is the one blobs are routed by; the effective limit is this "
+        "times workers times replicas (docs/operations.md).",
+    ),
+    Setting(
+        "rate_burst", "ARCHEIO_RATE_BURST", "100", _positive_int,
+        "Requests a client may send at once before ARCHEIO_RATE_LIMIT applies (its token bucket's size).",
+    ),
+    Setting(
+        "rate_clients", "ARCHEIO_RATE_CLIENTS", "16384", _positive_int,
+        "Clients whose rate-limit bucket is remembered, per worker (at most 180 bytes each, measured); "
+        "when full, the buckets nearest to full are forgotten first.",
     ),
     Setting(
         "cache_hit_ttl", "ARCHEIO_CACHE_HIT_TTL", "3600", _positive_seconds,
@@ -327,13 +367,22 @@ class Mirrors:
 
 
 def parse_mirrors(text: str) -> Mirrors:
-    """Parse the `[mirrors.<Cloud>]` TOML format; every value must be a base URL."""
+    """Parse the `[mirrors.<Cloud>]` TOML format; every value must be a base URL.
+
+    A cloud is named as the range data names it (AWS, GCP, Azure): a table
+    under another name could never match a client, and its cloud's ranges
+    are required at start (providers.py).
+    """
+    from iprange.parse import FILE_NAMES
+
     doc = tomllib.loads(text)
     tables = doc.get("mirrors", {})
     if not isinstance(tables, dict):
         raise ValueError("`mirrors` must be a table of clouds")
     by_cloud: dict[str, dict[str, str]] = {}
     for cloud, regions in tables.items():
+        if cloud not in FILE_NAMES:
+            raise ValueError(f"[mirrors.{cloud}]: unknown cloud, must be " + ", ".join(FILE_NAMES))
         if not isinstance(regions, dict):
             raise ValueError(f"[mirrors.{cloud}] must be a table of region = URL")
         parsed: dict[str, str] = {}
@@ -366,9 +415,13 @@ class Settings:
     signature_upstream_endpoint: str
     default_aws_base_url: str
     ranges_dir: Path | None
+    optional_providers: tuple[str, ...]
     mirrors_file: Path | None
     trusted_hops: int
     use_forwarded: bool
+    rate_limit: float
+    rate_burst: int
+    rate_clients: int
     cache_hit_ttl: float
     cache_miss_ttl: float
     cache_error_ttl: float

@@ -119,6 +119,7 @@ class Exporter:
 # Parts of a snapshot that only count up; a retired (dead) worker keeps these.
 _COUNTER_PARTS = (
     "requests", "blob_decisions", "checks", "check_buckets", "check_seconds", "reloads", "connections_closed",
+    "rate_forgotten",
 )
 
 
@@ -211,6 +212,7 @@ def collect(source: MetricsSource) -> Iterator[Family]:
     snaps = source.snapshots()
     live = [s for s in snaps if s.get("worker") != "retired"]
     yield from _requests(snaps, live)
+    yield from _rate_limit(snaps, live)
     yield from _existence(snaps, live)
     yield from _ranges(snaps, live)
     yield from _processes(source, live)
@@ -263,6 +265,23 @@ def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     yield closed
 
 
+def _rate_limit(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
+    """The per-client limit's table (ARCHEIO_RATE_LIMIT; no samples when it is off)."""
+    on = [snap for snap in live if "rate_clients" in snap]
+    clients = Family(
+        "archeio_rate_limit_clients", "gauge", "Clients whose rate-limit bucket is remembered, all workers "
+        "(at most ARCHEIO_RATE_CLIENTS each).",
+    )
+    forgotten = Family(
+        "archeio_rate_limit_forgotten", "counter", "Rate-limit buckets forgotten before they were full, "
+        "to stay within ARCHEIO_RATE_CLIENTS (each such client starts again with a full bucket).",
+    )
+    if on:
+        clients.add((), sum(snap["rate_clients"] for snap in on))
+        forgotten.add((), sum(snap.get("rate_forgotten", 0) for snap in snaps))
+    yield from (clients, forgotten)
+
+
 def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     buckets: dict[str, list[int]] = {}
     for snap in snaps:
@@ -310,7 +329,8 @@ def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
 def _ranges(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     now = time.time()
     prefixes = Family(
-        "archeio_ranges_prefixes", "gauge", "Distinct prefixes in the loaded range data.", ("cloud", "worker")
+        "archeio_ranges_prefixes", "gauge", "Distinct prefixes in the loaded range data; 0 for an expected "
+        "provider (Google Cloud, the mirror table's clouds) that has none.", ("cloud", "worker")
     )
     age = Family(
         "archeio_ranges_age_seconds", "gauge", "Seconds since the provider published the loaded "
@@ -325,7 +345,8 @@ def _ranges(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
         for cloud, facts in sorted(snap.get("ranges", {}).items()):
             labels = (cloud, snap["worker"])
             prefixes.add(labels, facts["prefixes"])
-            loaded.add(labels, facts["loaded"])
+            if facts.get("loaded") is not None:  # an expected provider that is absent has no data
+                loaded.add(labels, facts["loaded"])
             if facts.get("published") is not None:
                 age.add(labels, now - facts["published"])
     yield from (prefixes, age, loaded)

@@ -11,8 +11,11 @@ kept, when it is
 - older than the loaded data (its serial: AWS createDate, Google
   creationTime, Azure changeNumber),
 - losing more than `ARCHEIO_RANGES_MAX_LOSS` of the loaded prefixes (a
-  truncated download that still parses), or
-- gone from the directory (a half-finished copy must not unroute a cloud).
+  truncated download that still parses),
+- gone from the directory (a half-finished copy must not unroute a cloud), or
+- empty, for a provider the deployment requires (providers.py): whatever
+  `ARCHEIO_RANGES_MAX_LOSS` allows, so that a server that started never
+  serves without one.
 
 The new index is built aside (in a thread, so the event loop keeps
 answering) and swapped in with one assignment: a request sees the old index
@@ -25,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,15 +66,21 @@ class Verdict:
 
 def judge(
     cloud: str, loaded: ProviderRanges | None, candidate: ProviderRanges | RangeFileError | None,
-    max_loss: float,
+    max_loss: float, required: bool = False,
 ) -> Verdict:
-    """The verdict on one provider's file against the data loaded now (pure)."""
+    """The verdict on one provider's file against the data loaded now (pure).
+
+    A `required` provider (providers.py) is never left without prefixes,
+    whatever `max_loss` allows (1 allows losing them all).
+    """
     if candidate is None:
         if loaded is None:
             return Verdict(cloud, UNCHANGED)
         return Verdict(cloud, REFUSED_MISSING, f"{FILE_NAMES[cloud]} is gone", loaded)
     if isinstance(candidate, RangeFileError):
         return Verdict(cloud, REFUSED_UNPARSEABLE, str(candidate), loaded)
+    if required and not candidate.prefixes:
+        return Verdict(cloud, REFUSED_LOSS, "no prefixes, and the provider is required", loaded)
     if loaded is None:
         return Verdict(cloud, LOADED, "new provider", candidate)
     outcome, reason = compare(loaded, candidate, max_loss)
@@ -95,11 +104,12 @@ def _read(ranges_dir: Path, cloud: str) -> ProviderRanges | RangeFileError | Non
 
 
 def plan_reload(
-    loaded: Mapping[str, ProviderRanges], ranges_dir: Path, max_loss: float
+    loaded: Mapping[str, ProviderRanges], ranges_dir: Path, max_loss: float, required: Collection[str] = (),
 ) -> tuple[CloudIndex | None, list[Verdict]]:
     """Read and judge every provider; the new index, or None when nothing changed."""
     verdicts = [
-        judge(cloud, loaded.get(cloud), _read(ranges_dir, cloud), max_loss) for cloud in FILE_NAMES
+        judge(cloud, loaded.get(cloud), _read(ranges_dir, cloud), max_loss, cloud in required)
+        for cloud in FILE_NAMES
     ]
     if not any(v.outcome == LOADED for v in verdicts):
         return None, verdicts
@@ -111,11 +121,12 @@ class RangeReloader:
 
     def __init__(
         self, flow: RequestFlow, ranges_dir: Path | None, max_loss: float,
-        counts: Counter[tuple[str, str]],
+        counts: Counter[tuple[str, str]], required: Collection[str] = (),
     ) -> None:
         self.flow = flow
         self.ranges_dir = ranges_dir
         self.max_loss = max_loss
+        self.required = tuple(required)
         self.counts = counts
         # cloud -> when its current data was swapped in.
         self.loaded_at: dict[str, float] = dict.fromkeys(flow.index.providers, flow.index_loaded_at)
@@ -136,7 +147,9 @@ class RangeReloader:
         async with self._lock:
             loaded = self.flow.index.providers
             try:
-                index, verdicts = await asyncio.to_thread(plan_reload, loaded, self.ranges_dir, self.max_loss)
+                index, verdicts = await asyncio.to_thread(
+                    plan_reload, loaded, self.ranges_dir, self.max_loss, self.required
+                )
             except Exception:  # a bug, or a prefix only the radix tree refuses: keep serving
                 log.exception("range reload (%s) failed; the loaded data stays", trigger)
                 return []

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from iprange import describe, load_index
+from iprange import RangeFileError, describe, load_index
 
 from . import signals
 from .admin import start_admin
@@ -33,6 +33,7 @@ from .config import Settings
 from .existence import BlobExistenceCache, warm_client
 from .http import Engine, make_engine
 from .metrics import CheckLatency, Exporter, Snapshot, published_timestamp
+from .providers import expected_providers, missing_providers, required_providers, with_prefixes
 from .reload import RangeReloader
 from .sockets import bind
 
@@ -92,6 +93,9 @@ class Server:
         started = time.monotonic()
         settings = self.settings
         index = load_index(settings.ranges_dir)
+        problem = missing_providers(settings, with_prefixes(index.prefix_counts))
+        if problem:
+            raise RangeFileError(problem)
         # Bind before anything that must be closed again: a port in use then
         # fails start-up with nothing left open.
         sock = sock or bind(settings)
@@ -101,7 +105,9 @@ class Server:
         self.flow = flow = make_flow(settings, index, cache)
         self.engine = engine = make_engine(settings.http, flow, settings, loop)
         reloads: Counter[tuple[str, str]] = Counter()
-        self.reloader = reloader = RangeReloader(flow, settings.ranges_dir, settings.ranges_max_loss, reloads)
+        self.reloader = reloader = RangeReloader(
+            flow, settings.ranges_dir, settings.ranges_max_loss, reloads, required_providers(settings)
+        )
         self._export(flow, engine, cache, latency, reloader, reloads)
         await engine.start(sock)
         self.port = sock.getsockname()[1]
@@ -175,7 +181,13 @@ class Server:
         provide("cache", lambda: cache.sizes)
         provide("breakers", lambda: {mirror: b.state for mirror, b in cache.breakers.items()})
         provide("reloads", lambda: [[c, o, n] for (c, o), n in reloads.items()])
-        provide("ranges", lambda: {
+        limiter = flow.limiter
+        if limiter is not None:
+            provide("rate_clients", limiter.__len__)
+            provide("rate_forgotten", lambda: limiter.forgotten)
+        # Every expected provider is there, with 0 prefixes when absent: an alert can fire on it.
+        absent = {cloud: {"prefixes": 0} for cloud in expected_providers(self.settings)}
+        provide("ranges", lambda: absent | {
             cloud: {
                 "prefixes": flow.index.prefix_counts.get(cloud, 0),
                 "serial": provider.serial,

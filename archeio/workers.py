@@ -29,7 +29,9 @@ event loop (no uvloop), no aiohttp, no metrics library, no multiprocessing
   in-flight requests), waits for them and exits;
 - restarts a worker that exits unexpectedly (with a growing delay when it
   keeps dying), and stops everything if a worker fails at start-up with a
-  configuration error (exit status 2), which a restart cannot fix.
+  configuration error (exit status 2), which a restart cannot fix; a
+  required provider's range file missing (providers.py) is seen before any
+  worker starts, by the file's name alone.
 
 Workers start with SIGHUP ignored (an exec keeps an ignored signal), so no
 moment of their start-up can be killed by a reload signal.
@@ -49,10 +51,13 @@ import subprocess
 import sys
 import time
 
+from iprange import RangeFileError
+
 from . import signals
 from .admin import start_admin
 from .config import Settings
 from .metrics import Snapshot, retire
+from .providers import files_present, missing_providers
 from .sockets import bind
 
 log = logging.getLogger("archeio.workers")
@@ -74,6 +79,13 @@ def serve(settings: Settings) -> None:
 
         run(settings)
         return
+    if settings.ranges_dir is not None:
+        # No worker is started that is known to fail: a required provider's
+        # file is missing. Only its name is looked at (the supervisor parses
+        # no ranges); what parsing finds fails the workers with status 2.
+        problem = missing_providers(settings, files_present(settings.ranges_dir))
+        if problem:
+            raise RangeFileError(problem)
     status = Supervisor(settings).run()
     if status:
         raise SystemExit(status)

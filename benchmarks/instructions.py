@@ -34,6 +34,11 @@ so the run also reports the server's instructions a second when idle:
 that rate times a request's wall time under callgrind bounds what the
 timers add to a figure.
 
+The server inherits this command's environment (harness.py
+`start_archeio`), so a setting can be measured on and off from the shell:
+`ARCHEIO_ACCESS_LOG=1 benchmarks/instructions --http httptools` measures
+with every request access-logged (the server's log goes to a file).
+
 The code measured is the `archeio` the interpreter imports: this
 checkout's (the virtualenv's editable install) or, with `--tree PATH`,
 another checkout's (its directory first on PYTHONPATH), so the code

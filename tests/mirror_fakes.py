@@ -2,7 +2,11 @@
 
 `FakeRegistry` is an aiohttp app serving the read side of the distribution
 API from memory: tag lists paginated with `Link` headers, manifests (HEAD
-and GET, with `Docker-Content-Digest`), blobs. Tests make it misbehave on
+and GET, with `Docker-Content-Digest`), blobs. With `manifest_map` set, tag
+lists carry the `manifest` map of Google's registries (every manifest of the
+repository, tagged or not): the whole map on every page (`WHOLE_MAP`), or
+each page only the entries of its own tags and the last page the untagged
+ones (`PAGED_MAP`). Tests make it misbehave on
 purpose: serve wrong bytes for a digest (`corrupt`), answer a path with a
 scripted series of statuses first (`script`, e.g. 429 with Retry-After),
 or demand an anonymous bearer token (`require_token`). Every request is
@@ -70,6 +74,17 @@ def make_image(name: str, layer_sizes: tuple[int, ...] = (3000, 5000),
     return FakeImage(manifest, {digest_of(b): b for b in [config, *layers]}, media_type)
 
 
+WHOLE_MAP = "whole"
+PAGED_MAP = "paged"
+
+
+def make_index(children: list[FakeImage]) -> bytes:
+    """An OCI index of `children` (which the registry must also hold, by digest)."""
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": c.media_type, "digest": c.digest, "size": len(c.manifest)} for c in children
+    ]}).encode()
+
+
 @dataclass
 class LoggedRequest:
     method: str
@@ -84,6 +99,10 @@ class FakeRegistry:
 
     page_size: int = 1000
     tags: dict[str, dict[str, str]] = field(default_factory=dict)  # repo -> tag -> digest
+    untagged: dict[str, list[str]] = field(default_factory=dict)  # repo -> digests no tag points at
+    manifest_map: str = ""  # "", WHOLE_MAP or PAGED_MAP
+    raw_map: object = None  # served as the map instead, as it is (a malformed map)
+    map_extra: dict[str, object] = field(default_factory=dict)  # entries added to the map (malformed ones)
     manifests: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # digest -> (body, type)
     blobs: dict[str, bytes] = field(default_factory=dict)
     corrupt: dict[str, bytes] = field(default_factory=dict)  # digest -> bytes served instead
@@ -105,6 +124,30 @@ class FakeRegistry:
         self.manifests[digest] = (body, media_type)
         self.tags.setdefault(repository, {})[tag] = digest
         return digest
+
+    def add_untagged(self, repository: str, body: bytes, media_type: str, blobs: dict[str, bytes]) -> str:
+        """A manifest in `repository` that no tag points at (pushed by digest, or its tag moved)."""
+        digest = digest_of(body)
+        self.manifests[digest] = (body, media_type)
+        self.blobs.update(blobs)
+        self.tags.setdefault(repository, {})
+        self.untagged.setdefault(repository, []).append(digest)
+        return digest
+
+    def map_entries(self, repository: str, tags: list[str] | None, untagged: bool) -> dict[str, object]:
+        """The `manifest` map as Google's registries write it, for `tags` (None: all) and the untagged."""
+        by_digest: dict[str, list[str]] = {}
+        for tag, digest in sorted(self.tags.get(repository, {}).items()):
+            if tags is None or tag in tags:
+                by_digest.setdefault(digest, []).append(tag)
+        if untagged:
+            for digest in self.untagged.get(repository, []):
+                by_digest.setdefault(digest, [])
+        return {digest: {
+            "imageSizeBytes": str(len(self.manifests[digest][0])), "layerId": "",
+            "mediaType": self.manifests[digest][1], "tag": names,
+            "timeCreatedMs": "1700000000000", "timeUploadedMs": "1700000000000",
+        } for digest, names in by_digest.items()}
 
     def count(self, method: str, fragment: str) -> int:
         return sum(1 for r in self.log if r.method == method and fragment in r.path)
@@ -174,11 +217,12 @@ class FakeRegistry:
     def _tag_page(self, request: web.Request, repository: str) -> web.Response:
         if repository not in self.tags:
             return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
-        return self._page(request, request.path, "tags", sorted(self.tags[repository]), {"name": repository})
+        return self._page(request, request.path, "tags", sorted(self.tags[repository]), {"name": repository},
+                          repository if self.manifest_map else None)
 
     def _page(self, request: web.Request, path: str, key: str, names: list[str],
-              extra: dict[str, str]) -> web.Response:
-        """One page of `names` after `?last=`, with a `Link` to the next one."""
+              extra: dict[str, object], mapped: str | None = None) -> web.Response:
+        """One page of `names` after `?last=`, with a `Link` to the next one (and `mapped`'s map)."""
         size = min(int(request.query.get("n", self.page_size)), self.page_size)
         last = request.query.get("last")
         if last:
@@ -187,6 +231,10 @@ class FakeRegistry:
         headers = {}
         if rest:
             headers["Link"] = f'<{path}?n={size}&last={page[-1]}>; rel="next"'
+        if mapped is not None:
+            whole = self.manifest_map == WHOLE_MAP
+            table = {**self.map_entries(mapped, None if whole else page, whole or not rest), **self.map_extra}
+            extra = {**extra, "manifest": table if self.raw_map is None else self.raw_map}
         return web.json_response({**extra, key: page}, headers=headers)
 
 

@@ -47,6 +47,13 @@ def run_archeio(*args: str, env: dict[str, str] | None = None, timeout: float = 
         ({"ARCHEIO_HEAD_TIMEOUT": "-1"}, "ARCHEIO_HEAD_TIMEOUT"),
         ({"ARCHEIO_CACHE_SIZE": "0"}, "ARCHEIO_CACHE_SIZE"),
         ({"ARCHEIO_USE_FORWARDED": "maybe"}, "ARCHEIO_USE_FORWARDED"),
+        ({"ARCHEIO_OPTIONAL_PROVIDERS": "AWS,Oracle"}, "ARCHEIO_OPTIONAL_PROVIDERS"),
+        ({"ARCHEIO_RATE_LIMIT": "-1"}, "ARCHEIO_RATE_LIMIT"),
+        ({"ARCHEIO_RATE_LIMIT": "nan"}, "ARCHEIO_RATE_LIMIT"),
+        ({"ARCHEIO_RATE_LIMIT": "83/s"}, "ARCHEIO_RATE_LIMIT"),
+        ({"ARCHEIO_RATE_BURST": "0"}, "ARCHEIO_RATE_BURST"),
+        ({"ARCHEIO_RATE_BURST": "2.5"}, "ARCHEIO_RATE_BURST"),
+        ({"ARCHEIO_RATE_CLIENTS": "0"}, "ARCHEIO_RATE_CLIENTS"),
     ],
 )
 def test_bad_configuration_exits_2_naming_the_variable(env: dict[str, str], variable: str) -> None:
@@ -65,6 +72,7 @@ BOUNDED_WAITS = (
 # The zeros that are documented as meaning something.
 MEANINGFUL_ZEROS = (
     "ARCHEIO_DRAIN_DELAY", "ARCHEIO_RANGES_REFRESH", "ARCHEIO_ADMIN_PORT", "ARCHEIO_ACCESS_LOG", "ARCHEIO_TRUSTED_HOPS",
+    "ARCHEIO_RATE_LIMIT",
 )
 
 

@@ -21,11 +21,14 @@ from archeio.cli import main
 
 from .mirror_fakes import (
     OCI_INDEX,
+    PAGED_MAP,
+    WHOLE_MAP,
     FakeImage,
     FakeRegistry,
     MotoS3,
     digest_of,
     make_image,
+    make_index,
     moto_s3,
     serve_in_thread,
 )
@@ -189,9 +192,7 @@ def test_transient_registry_errors_are_retried(
 def test_indexes_lead_to_every_platforms_blobs(
         registry: FakeRegistry, s3: MotoS3, buckets: list[str]) -> None:
     children = [make_image("amd64"), make_image("arm64")]
-    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-        {"mediaType": c.media_type, "digest": c.digest, "size": len(c.manifest)} for c in children
-    ]}).encode()
+    index = make_index(children)
     for child in children:
         registry.manifests[child.digest] = (child.manifest, child.media_type)
         registry.blobs.update(child.blobs)
@@ -200,7 +201,112 @@ def test_indexes_lead_to_every_platforms_blobs(
     for child in children:
         for digest, data in child.blobs.items():
             assert s3.read(buckets[1], BLOBS + digest) == data
-    assert s3.keys(buckets[0], DONE) == {f"{DONE}team/multi@{index_digest}"}
+    # The index is done, and so is each child, which a registry's map lists as a manifest of its own.
+    assert s3.keys(buckets[0], DONE) == {f"{DONE}team/multi@{d}" for d in (index_digest, *(c.digest for c in children))}
+    child_record = json.loads(s3.read(buckets[0], f"{DONE}team/multi@{children[0].digest}"))
+    assert child_record["index"] == index_digest
+    assert child_record["blobs"] == sorted(children[0].blobs)
+
+
+# -- every manifest, tagged or not: the `manifest` map of Google's registries ------------------
+
+
+def stored(s3: MotoS3, bucket: str) -> set[str]:
+    return {k.removeprefix(BLOBS) for k in s3.keys(bucket, BLOBS)}
+
+
+def moved_tag_and_pinned_index(registry: FakeRegistry) -> tuple[FakeImage, FakeImage, list[FakeImage], str]:
+    """team/app: v1 moved from `old` to `new`, and an index pushed by digest only (its children untagged too)."""
+    old, new = make_image("old"), make_image("new")
+    registry.add_untagged("team/app", old.manifest, old.media_type, old.blobs)  # v1 pointed here once
+    registry.add_image("team/app", "v1", new)
+    children = [make_image("pinned-amd64"), make_image("pinned-arm64")]
+    for child in children:
+        registry.add_untagged("team/app", child.manifest, child.media_type, child.blobs)
+    index = registry.add_untagged("team/app", make_index(children), OCI_INDEX, {})
+    return old, new, children, index
+
+
+@pytest.mark.parametrize("placement", [WHOLE_MAP, PAGED_MAP])
+def test_untagged_manifests_of_the_map_are_mirrored(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str], placement: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    registry.manifest_map = placement
+    old, new, children, _ = moved_tag_and_pinned_index(registry)
+    for tag in ("v2", "v3"):  # pages of two tags: the map's parts are spread over two pages
+        registry.add_image("team/app", tag, new)
+    assert mirror(registry, s3, buckets, "team/app") == 0
+    expected = set(old.blobs) | set(new.blobs) | {d for c in children for d in c.blobs}
+    for bucket in buckets:
+        assert stored(s3, bucket) == expected
+    assert "team/app: 4 untagged manifests listed by the registry, mirrored too" in capsys.readouterr().err
+
+
+def test_without_a_map_only_tagged_manifests_are_mirrored(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str]) -> None:
+    old, new, children, _ = moved_tag_and_pinned_index(registry)
+    assert registry.manifest_map == ""
+    assert mirror(registry, s3, buckets, "team/app") == 0
+    assert stored(s3, buckets[0]) == set(new.blobs)
+
+
+def test_tags_the_map_names_are_not_resolved_with_a_head(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str]) -> None:
+    registry.manifest_map = WHOLE_MAP
+    for i in range(5):
+        registry.add_image("team/app", f"v{i}", make_image(f"head-{i}"))
+    assert mirror(registry, s3, buckets, "team/app") == 0
+    assert registry.count("HEAD", "/manifests/") == 0
+    assert registry.count("GET", "/manifests/") == 5
+
+
+def test_an_untagged_index_and_its_children_are_done_and_a_rerun_fetches_no_manifest(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    registry.manifest_map = WHOLE_MAP
+    old, new, children, index = moved_tag_and_pinned_index(registry)
+    assert mirror(registry, s3, buckets, "team/app") == 0
+    marked = {old.digest, new.digest, index, *(c.digest for c in children)}
+    assert s3.keys(buckets[1], DONE) == {f"{DONE}team/app@{d}" for d in marked}
+    registry.log.clear()
+    capsys.readouterr()
+    assert mirror(registry, s3, buckets, "team/app") == 0
+    assert registry.count("GET", "/manifests/") == 0
+    assert registry.count("HEAD", "/manifests/") == 0
+    assert "5 already done" in capsys.readouterr().err  # v1, old, the index, its two children
+
+
+@pytest.mark.parametrize("extra", [
+    {"sha256:short": {"tag": []}},
+    {"md5:" + "a" * 32: {"tag": []}},
+    {"sha256:" + "a" * 64: "not an entry"},
+], ids=["short-digest", "other-algorithm", "entry-not-an-object"])
+def test_malformed_map_entries_are_skipped_and_the_others_mirrored(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str], extra: dict[str, object]) -> None:
+    registry.manifest_map, registry.map_extra = WHOLE_MAP, extra
+    pinned = make_image("pinned")
+    registry.add_untagged("team/app", pinned.manifest, pinned.media_type, pinned.blobs)
+    registry.add_image("team/app", "v1", image := make_image("plain"))
+    assert mirror(registry, s3, buckets, "team/app") == 0
+    assert stored(s3, buckets[0]) == set(image.blobs) | set(pinned.blobs)
+
+
+def test_a_map_entry_whose_tags_are_not_a_list_is_mirrored_by_digest(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str]) -> None:
+    pinned = make_image("pinned")
+    registry.manifests[pinned.digest] = (pinned.manifest, pinned.media_type)
+    registry.blobs.update(pinned.blobs)
+    registry.manifest_map, registry.map_extra = WHOLE_MAP, {pinned.digest: {"tag": "v9"}}
+    registry.add_image("team/app", "v1", image := make_image("plain"))
+    assert mirror(registry, s3, buckets, "team/app") == 0
+    assert stored(s3, buckets[0]) == set(image.blobs) | set(pinned.blobs)
+
+
+def test_a_map_that_is_not_an_object_is_ignored(registry: FakeRegistry, s3: MotoS3, buckets: list[str]) -> None:
+    registry.manifest_map, registry.raw_map = WHOLE_MAP, ["not", "a", "map"]
+    registry.add_image("team/app", "v1", image := make_image("plain"))
+    assert mirror(registry, s3, buckets, "team/app") == 0
+    assert stored(s3, buckets[0]) == set(image.blobs)
+    assert registry.count("HEAD", "/manifests/v1") == 1
 
 
 def test_docker_v2_images_are_mirrored(registry: FakeRegistry, s3: MotoS3, buckets: list[str]) -> None:
@@ -252,6 +358,35 @@ def test_repositories_file_entries_are_mirrored(
     listing.write_text("# the images we serve\nteam/listed:v1  # pinned\n\n")
     assert mirror(registry, s3, buckets, "--repositories-file", str(listing)) == 0
     assert {k.removeprefix(BLOBS) for k in s3.keys(buckets[0], BLOBS)} == set(image.blobs)
+
+
+def test_a_bad_repositories_file_entry_is_a_usage_error_naming_its_line(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    listing = tmp_path / "repos.txt"
+    listing.write_text("# every image we serve\nteam/app\n\nteam/App:v1\n")
+    assert mirror(registry, s3, buckets, "--repositories-file", str(listing)) == 2
+    err = capsys.readouterr().err
+    assert f"{listing}:4: 'team/App:v1': not a repository name" in err
+    assert registry.log == []
+
+
+def test_a_repository_named_twice_is_listed_once(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str], tmp_path: Path) -> None:
+    registry.add_image("team/app", "v1", make_image("twice"))
+    listing = tmp_path / "repos.txt"
+    listing.write_text("team/app\n  team/app   # again\n")
+    assert mirror(registry, s3, buckets, "team/app", "--repositories-file", str(listing)) == 0
+    assert registry.count("GET", "/tags/list") == 1
+
+
+def test_a_refused_catalog_says_to_list_the_repositories(
+        registry: FakeRegistry, s3: MotoS3, buckets: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    registry.script["/v2/_catalog"] = [(404, {})]  # as registry.k8s.io answers
+    assert mirror(registry, s3, buckets, "--all-repositories") == 1
+    err = capsys.readouterr().err
+    assert "FAILED the catalog: /v2/_catalog: not found (404); a registry that does not list its " \
+        "repositories needs them named, one a line, in --repositories-file" in err
 
 
 def test_all_repositories_walks_the_paginated_catalog(

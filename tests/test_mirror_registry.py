@@ -22,6 +22,7 @@ from archeio.mirror.registry import (
     UNKNOWN,
     DigestMismatch,
     ImageRef,
+    Listed,
     NotFound,
     RegistryClient,
     RegistryError,
@@ -29,7 +30,7 @@ from archeio.mirror.registry import (
     parse_manifest,
 )
 
-from .mirror_fakes import FakeRegistry, digest_of, make_image
+from .mirror_fakes import PAGED_MAP, WHOLE_MAP, FakeRegistry, digest_of, make_image
 
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64
@@ -149,9 +150,41 @@ async def test_tags_follow_link_pagination(fake: FakeRegistry) -> None:
     for i in range(8):
         fake.add_image("team/app", f"v{i}", make_image(f"i{i}"))
     async with client(fake) as registry:
-        tags = [t async for t in registry.tags("team/app")]
+        tags = [entry.reference async for entry in registry.listing("team/app")]
     assert tags == [f"v{i}" for i in range(8)]
     assert fake.count("GET", "/tags/list") == 3  # pages of 3, 3 and 2
+
+
+async def test_listing_without_a_map_leaves_tags_to_be_resolved(fake: FakeRegistry) -> None:
+    fake.add_image("team/app", "v1", make_image("x"))
+    async with client(fake) as registry:
+        assert [e async for e in registry.listing("team/app")] == [Listed("v1")]
+
+
+@pytest.mark.parametrize("placement", [WHOLE_MAP, PAGED_MAP])
+async def test_listing_with_a_map_gives_tag_digests_then_untagged_manifests_once(
+        fake: FakeRegistry, placement: str) -> None:
+    fake.manifest_map = placement
+    images = [make_image(f"i{i}") for i in range(4)]
+    for i, image in enumerate(images):
+        fake.add_image("team/app", f"v{i}", image)
+    pinned = [make_image(f"pinned{i}") for i in range(2)]
+    for image in pinned:
+        fake.add_untagged("team/app", image.manifest, image.media_type, image.blobs)
+    async with client(fake) as registry:
+        entries = [e async for e in registry.listing("team/app")]
+    assert fake.count("GET", "/tags/list") == 2  # pages of three
+    tagged = [e for e in entries if not e.untagged]
+    assert tagged == [Listed(f"v{i}", image.digest) for i, image in enumerate(images)]
+    assert sorted(e.digest for e in entries if e.untagged) == sorted(i.digest for i in pinned)
+    assert len(entries) == 6
+
+
+async def test_listing_map_keys_that_are_not_digests_are_skipped(fake: FakeRegistry) -> None:
+    fake.manifest_map, fake.map_extra = WHOLE_MAP, {"latest": {"tag": []}, "sha256:" + "0" * 63: {"tag": []}}
+    fake.add_image("team/app", "v1", image := make_image("x"))
+    async with client(fake) as registry:
+        assert [e async for e in registry.listing("team/app")] == [Listed("v1", image.digest)]
 
 
 async def test_pagination_link_to_another_host_is_refused(fake: FakeRegistry) -> None:
@@ -160,7 +193,7 @@ async def test_pagination_link_to_another_host_is_refused(fake: FakeRegistry) ->
     ]
     async with client(fake) as registry:
         with pytest.raises(RegistryError, match="leaves the registry"):
-            [t async for t in registry.tags("team/app")]
+            [entry async for entry in registry.listing("team/app")]
 
 
 async def test_resolve_uses_head_and_fetches_no_manifest(fake: FakeRegistry) -> None:
@@ -227,7 +260,7 @@ async def test_anonymous_bearer_token_is_fetched_once_per_repository(fake: FakeR
 async def test_registry_client_counts_every_request(fake: FakeRegistry) -> None:
     fake.add_image("team/app", "v1", make_image("x"))
     async with client(fake) as registry:
-        [t async for t in registry.tags("team/app")]
+        [entry async for entry in registry.listing("team/app")]
         await registry.resolve("team/app", "v1")
     assert registry.requests == len(fake.log) == 2
 

@@ -102,6 +102,18 @@ def test_collector_sums_workers_and_keeps_counts_of_retired_ones() -> None:
     assert total(samples, "archeio_worker_restarts_total") == 1
 
 
+def test_rate_limit_tables_are_summed_and_forgotten_buckets_survive_a_restart() -> None:
+    dead = {"worker": "1", "rate_clients": 50, "rate_forgotten": 5}
+    snaps = [
+        {"worker": "0", "rate_clients": 3, "rate_forgotten": 1},
+        {"worker": "1", "rate_clients": 4, "rate_forgotten": 2},
+        retire(dead),
+    ]
+    page = render(_Source(snaps)).decode().splitlines()
+    assert "archeio_rate_limit_clients 7.0" in page  # the live tables only
+    assert "archeio_rate_limit_forgotten_total 8.0" in page  # a counter never goes down
+
+
 # -- a real server with two workers ----------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def test_worker_configuration_error_stops_the_supervisor_with_status_2(tmp_path:
     ranges = tmp_path / "ranges"
     ranges.mkdir()
     (ranges / "aws-ip-ranges.json").write_text("not json")
+    shutil.copy(RANGES_FIXTURES / "gcp-cloud.json", ranges)  # required: without it no worker would start
     server = ArcheioProcess(tmp_path / "stderr.log", ARCHEIO_WORKERS="2", ARCHEIO_RANGES_DIR=str(ranges))
     result = subprocess.run([sys.executable, "-m", "archeio", "serve"], env=server.env,
                             capture_output=True, text=True, timeout=60)

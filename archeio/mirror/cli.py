@@ -41,9 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, metavar="URL",
                         help="source registry, e.g. https://us-central1-docker.pkg.dev")
     parser.add_argument("--repositories-file", type=Path, metavar="FILE",
-                        help="more REPO[:TAG|@DIGEST] entries, one a line (# comments)")
+                        help="more REPO[:TAG|@DIGEST] entries, one a line; # starts a comment "
+                        "(the list of repositories where the registry has no catalog)")
     parser.add_argument("--all-repositories", action="store_true",
-                        help="mirror every repository of the registry's catalog (/v2/_catalog)")
+                        help="mirror every repository of the registry's catalog (/v2/_catalog; "
+                        "registry.k8s.io refuses it: list them in --repositories-file instead)")
     parser.add_argument("--to", action="append", default=[], metavar="URL",
                         help="a bucket's base URL as `archeio serve` uses it (repeatable); "
                         "http://host:port/bucket or https://bucket.s3.<region>.amazonaws.com")
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         refs = [parse_image_ref(text) for text in args.images]
         if args.repositories_file is not None:
-            refs.extend(parse_image_ref(line) for line in _listed(args.repositories_file))
+            refs.extend(_listed(args.repositories_file))
+        refs = list(dict.fromkeys(refs))  # each once, in the order given
         if not refs and not args.all_repositories:
             raise ValueError(
                 "nothing to mirror: name repositories, --repositories-file or --all-repositories"
@@ -172,9 +175,23 @@ def _destinations(args: argparse.Namespace) -> list[Bucket]:
     ]
 
 
-def _listed(path: Path) -> list[str]:
-    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
-    return [line for line in lines if line]
+def _listed(path: Path) -> list[ImageRef]:
+    """The entries of a --repositories-file: one a line, `#` to the line's end a comment.
+
+    Blank lines and surrounding spaces are ignored; a bad entry is a usage
+    error naming its line.
+    """
+    from .registry import parse_image_ref
+
+    refs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            try:
+                refs.append(parse_image_ref(text))
+            except ValueError as exc:
+                raise ValueError(f"{path}:{number}: {exc}") from None
+    return refs
 
 
 def _positive_int(value: str) -> int:

@@ -121,6 +121,11 @@ class Progress:
             verb = "would finish" if self.dry_run else "finished"
             self.event(f"{verb} image {what} ({blobs} blobs)")
 
+    def untagged_found(self, repository: str, count: int) -> None:
+        """The registry's listing named manifests without a tag, which are mirrored too."""
+        self.event(f"{repository}: {count} untagged manifest{'s' if count != 1 else ''} listed by the registry, "
+                   "mirrored too")
+
     def image_already_done(self) -> None:
         self.tally.images_already_done += 1
         self._draw()

@@ -8,6 +8,16 @@ connections, honouring `Retry-After`. Anonymous bearer tokens are fetched
 when a registry asks for them (public registries such as Artifact Registry,
 ghcr.io or Docker Hub do).
 
+Google's registries (Artifact Registry, Container Registry) add to a tag
+list a `manifest` map holding every manifest of the repository, tagged or
+not: `{"<digest>": {"imageSizeBytes": "...", "layerId": "", "mediaType":
+"...", "tag": ["v1", ...], "timeCreatedMs": "...", "timeUploadedMs":
+"..."}}` (the numbers are strings on GCR; Artifact Registry sends
+`timeUploadedMs` as a number). `listing` reads it where present: a tag it
+names needs no HEAD, and a manifest with no tag (pinned by digest, or left
+behind when its tag moved) is listed by its digest, so it is mirrored too.
+Only the keys and `tag` are used; the other fields are not trusted.
+
 `parse_manifest` is pure: it sorts a manifest into an image (config and
 layer blobs), an index (child manifests) or something we do not mirror
 (schema 1, unknown media types), for the caller to report.
@@ -94,6 +104,23 @@ def check_digest(digest: str) -> str:
     if not is_digest(digest):
         raise RegistryError(f"unsupported or malformed digest {digest[:80]!r}")
     return digest
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One entry of a repository's listing: a tag, or the digest of an untagged manifest.
+
+    `digest` is the manifest the entry stands for when the registry said so
+    (its `manifest` map), else None and a tag is resolved with a HEAD. An
+    untagged manifest is listed with its digest as both.
+    """
+
+    reference: str
+    digest: str | None = None
+
+    @property
+    def untagged(self) -> bool:
+        return self.reference == self.digest
 
 
 @dataclass(frozen=True)
@@ -222,6 +249,29 @@ def _listed(page: dict[str, object], key: str) -> list[object]:
     return value if isinstance(value, list) else []
 
 
+def _manifest_map(page: dict[str, object], repository: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(digest, tags) of each entry of a page's `manifest` map; none when it has no map.
+
+    A malformed entry is skipped with a warning; a `tag` that is not a list
+    of strings counts as no tag, so the manifest is still mirrored, by digest.
+    """
+    table = page.get("manifest")
+    if table is None:
+        return []
+    if not isinstance(table, dict):
+        log.warning("%s: ignoring a manifest map that is not an object", repository)
+        return []
+    entries = []
+    for digest, entry in table.items():
+        if not is_digest(digest) or not isinstance(entry, dict):
+            log.warning("%s: ignoring malformed manifest map entry %r", repository, str(digest)[:140])
+            continue
+        tags = entry.get("tag")
+        valid = tuple(t for t in tags if isinstance(t, str) and _TAG.match(t)) if isinstance(tags, list) else ()
+        entries.append((digest, valid))
+    return entries
+
+
 def _bearer_challenge(header: str) -> dict[str, str] | None:
     scheme, _, params = header.partition(" ")
     if scheme.lower() != "bearer":
@@ -269,15 +319,32 @@ class RegistryClient:
                 if isinstance(name, str) and _REPOSITORY.match(name):
                     yield name
 
-    async def tags(self, repository: str) -> AsyncIterator[str]:
-        """Every tag of a repository (`/v2/<name>/tags/list`, paginated)."""
+    async def listing(self, repository: str) -> AsyncIterator[Listed]:
+        """Every tag of a repository (`/v2/<name>/tags/list`, paginated), then its untagged manifests.
+
+        Where the pages carry a `manifest` map (Google's registries), each
+        tag comes with the digest the map gives it, and every manifest the
+        map lists without a tag follows its page's tags, once, by digest.
+        The map may come whole on every page or in parts: both are read.
+        """
         path = f"/v2/{repository}/tags/list"
+        tagged: dict[str, str] = {}  # tag -> digest, from the map
+        untagged: set[str] = set()
         async for page in self._pages(path, scope=f"repository:{repository}:pull"):
+            found: list[str] = []
+            for digest, tags in _manifest_map(page, repository):
+                for tag in tags:
+                    tagged[tag] = digest
+                if not tags and digest not in untagged:
+                    untagged.add(digest)
+                    found.append(digest)
             for tag in _listed(page, "tags"):
                 if isinstance(tag, str) and _TAG.match(tag):
-                    yield tag
+                    yield Listed(tag, tagged.get(tag))
                 else:
                     log.warning("%s: ignoring malformed tag %r", repository, str(tag)[:140])
+            for digest in found:
+                yield Listed(digest, digest)
 
     async def resolve(self, repository: str, reference: str) -> str:
         """The digest a tag points at, from a HEAD (no manifest body fetched)."""

@@ -64,10 +64,11 @@ def server(podman: Podman, image: str, bucket: ThreadedBucket,
         yield container
 
 
-def run_to_completion(podman: Podman, image: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+def run_to_completion(podman: Podman, image: str, *args: str, env: dict[str, str] | None = None,
+                      flags: tuple[str, ...] = ()) -> tuple[int, str]:
     """(exit status, output) of a one-off hardened container."""
     with running_container(podman, image, unique("once"), port=free_port(), admin_port=free_port(),
-                           flags=HARDENED, env=env, args=args) as container:
+                           flags=(*HARDENED, *flags), env=env, args=args) as container:
         status = int(podman("wait", container.name, timeout=120).stdout.strip())
         return status, podman.logs(container.name)
 
@@ -138,6 +139,25 @@ def test_healthcheck_of_the_image_passes(podman: Podman, server: Container) -> N
     # Fails with "has no defined healthcheck" when the image lost it (OCI format).
     result = podman("healthcheck", "run", server.name, check=False)
     assert result.returncode == 0, result.stdout + podman_messages(result.stderr)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_image_with_an_empty_ranges_directory_exits_2_naming_it(
+    podman: Podman, image: str, workers: str, tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Every client would be "unknown" (Google Cloud's blobs to the CDN):
+    # the server refuses to start rather than serve so, one worker or two.
+    empty = tmp_path_factory.mktemp("empty-ranges")
+    empty.chmod(0o755)  # read by the image's own user
+    status, output = run_to_completion(
+        podman, image, "serve", "--workers", workers, env={"ARCHEIO_RANGES_DIR": "/srv/ranges"},
+        flags=("--volume", f"{empty}:/srv/ranges:ro"),
+    )
+    assert status == 2
+    assert output.strip().splitlines() == [
+        "archeio: configuration error: ARCHEIO_RANGES_DIR: /srv/ranges: no provider's ranges "
+        "(none of aws-ip-ranges.json, gcp-cloud.json, azure-service-tags.json)"
+    ], output
 
 
 # -- how it runs ---------------------------------------------------------------------

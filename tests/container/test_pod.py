@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from ..conftest import GOOGLE_CLOUD, free_port
-from ..deploy_support import OLDEST_MINOR, by_kind, container, env_of, kubectls, render
+from ..deploy_support import OLDEST_MINOR, by_kind, container, env_of, kubectls, pod_spec, render
 from ..integration.services import MissingTool, wait_until
 from ..ops_support import BLOB, http_get, scrape, total, xff
 from .podman import Container, Podman, podman_messages
@@ -90,6 +90,17 @@ def test_pod_serves_blob_redirects_from_the_seeded_ranges(pod: Container) -> Non
     assert headers["Location"] == f"https://us-central1-docker.pkg.dev/v2/k8s-artifacts-prod/images/pause/blobs/{BLOB}"
 
 
+def test_pod_is_ready_with_every_expected_providers_ranges_in_each_worker(pod: Container) -> None:
+    # Readiness means the routing data is there: Google Cloud's, and AWS's
+    # (the built-in mirror table's cloud), in both workers, as the metric an
+    # alert watches says.
+    assert http_get(pod.admin_url + "/readyz")[0] == 200
+    samples = scrape(pod)  # type: ignore[arg-type]
+    for worker in ("0", "1"):
+        for cloud in ("AWS", "GCP"):
+            assert total(samples, "archeio_ranges_prefixes", cloud=cloud, worker=worker) > 0, (cloud, worker)
+
+
 def test_pod_loads_azure_from_the_seeded_ranges(pod: Container) -> None:
     # Azure's file comes from the image (the embedded data): the sidecar
     # fetches AWS and Google Cloud only, so it is what the server routes by.
@@ -111,6 +122,29 @@ def test_ranges_sidecar_keeps_its_files_and_says_so_when_the_feeds_are_unreachab
     same = pod.exec("python", "-c", f"import filecmp, sys; names = {names};"
                     "sys.exit(filecmp.cmpfiles('/ranges', '/app/ranges', names, shallow=False)[0] != names)")
     assert same.returncode == 0, podman_messages(same.stderr)
+
+
+def load_balancer_health_checks() -> dict[str, tuple[str, int]]:
+    """(path, port) of the load balancer's health check in the rendered overlay: Ingress's and Gateway's."""
+    found = by_kind(render(kubectls()[OLDEST_MINOR], OVERLAY))
+    backend = found["BackendConfig"]["spec"]["healthCheck"]
+    policy = found["HealthCheckPolicy"]["spec"]["default"]["config"]["httpHealthCheck"]
+    return {"BackendConfig": (backend["requestPath"], backend["port"]),
+            "HealthCheckPolicy": (policy["requestPath"], policy["port"])}
+
+
+@pytest.mark.parametrize("kind", ["BackendConfig", "HealthCheckPolicy"])
+def test_load_balancer_health_check_answers_200_in_the_pod(pod: Container, kind: str) -> None:
+    """The check as Google's prober sends it: its path, on the container port it names."""
+    path, port = load_balancer_health_checks()[kind]
+    # The pod here serves on a free port instead of the manifest's PORT (the
+    # module docstring): the check's port must be the one PORT names, and is
+    # then reached where PORT was moved to.
+    rendered_server = container(pod_spec(render(kubectls()[OLDEST_MINOR], OVERLAY)), "archeio")
+    assert port == int(env_of(rendered_server)["PORT"]), f"{kind} checks port {port}, not the serving port"
+    status, headers, _ = http_get(f"{pod.url}{path}", headers={"User-Agent": "GoogleHC/1.0"})
+    assert status == 200
+    assert headers["Docker-Distribution-Api-Version"] == "registry/2.0"
 
 
 def test_pod_stops_cleanly_on_sigterm(podman: Podman, pod: Container, deployment: dict[str, Any]) -> None:

@@ -16,9 +16,21 @@ except two it answers itself from the registry's own data:
 The `Link` names the repository as the registry knows it, which is the
 whole point: it is what a real registry sends back through archeio.
 
-Run as a script (stdlib only): `paging_registry.py REGISTRY_URL PORT`. It
-logs one `"GET /path HTTP/1.1" status` line per request to stderr, which
-`services.RequestLog` reads.
+Given the registry's storage directory, every tag-list page also carries
+the `manifest` map of Google's registries (Artifact Registry, Container
+Registry): every manifest the repository holds, tagged or not, as
+`"<digest>": {"imageSizeBytes": "<config and layers>", "layerId": "",
+"mediaType": "...", "tag": [...], "timeCreatedMs": "...",
+"timeUploadedMs": "..."}`, the numbers as strings (GCR's way), the whole map
+on every page. The registry's API cannot list untagged manifests, so they
+come from its own storage (the distribution filesystem layout: a
+`_manifests/revisions/<algorithm>/<hex>/link` per manifest, a
+`_manifests/tags/<tag>/current/link` per tag); each manifest's media type
+and size come from the registry itself.
+
+Run as a script (stdlib only): `paging_registry.py REGISTRY_URL PORT
+[STORAGE_DIR]`. It logs one `"GET /path HTTP/1.1" status` line per request
+to stderr, which `services.RequestLog` reads.
 """
 
 from __future__ import annotations
@@ -28,12 +40,18 @@ import json
 import re
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 PAGE = 2
 TAGS = re.compile(r"/v2/(?P<name>.+)/tags/list")
 REFERRERS = re.compile(r"/v2/(?P<name>.+)/referrers/(?P<algorithm>[a-z0-9]+):(?P<encoded>[a-f0-9]+)")
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_TYPES = ", ".join((
+    OCI_INDEX, "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+))
 # Hop-by-hop headers, and the length we set ourselves.
 NOT_FORWARDED = {"connection", "keep-alive", "transfer-encoding", "content-length"}
 
@@ -46,6 +64,7 @@ def lexical(tag: str) -> tuple[str, str]:
 class PagingHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     registry: tuple[str, int] = ("127.0.0.1", 5000)
+    storage: Path | None = None  # the registry's root directory: tag lists then carry the manifest map
 
     def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
@@ -116,7 +135,34 @@ class PagingHandler(BaseHTTPRequestHandler):
         link = None
         if size and len(tags) > size:
             link = f"/v2/{name}/tags/list?n={size}&last={quote(page[-1], safe='')}"
-        self._json({"name": name, "tags": page}, "application/json", link, [])
+        listing: dict[str, object] = {"name": name, "tags": page}
+        if self.storage is not None:
+            listing["manifest"] = self._manifest_map(name)
+        self._json(listing, "application/json", link, [])
+
+    def _manifest_map(self, name: str) -> dict[str, dict[str, object]]:
+        """Every manifest of `name`, tagged or not, as Google's registries list them."""
+        assert self.storage is not None
+        manifests = self.storage / "docker" / "registry" / "v2" / "repositories" / name / "_manifests"
+        tags: dict[str, list[str]] = {}
+        for link in sorted((manifests / "tags").glob("*/current/link")):
+            tags.setdefault(link.read_text().strip(), []).append(link.parent.parent.name)
+        table = {}
+        for link in sorted((manifests / "revisions").glob("*/*/link")):
+            digest = link.read_text().strip()
+            status, headers, body = self._registry("GET", f"/v2/{name}/manifests/{digest}", {"Accept": MANIFEST_TYPES})
+            if status != 200:  # deleted since
+                continue
+            media_type = next(v for k, v in headers if k.lower() == "content-type")
+            document = json.loads(body)
+            parts = [document.get("config") or {}, *document.get("layers", [])]
+            uploaded = str(int(link.stat().st_mtime * 1000))
+            table[digest] = {
+                "imageSizeBytes": str(sum(int(part.get("size", 0)) for part in parts)), "layerId": "",
+                "mediaType": media_type, "tag": sorted(tags.get(digest, []), key=lexical),
+                "timeCreatedMs": uploaded, "timeUploadedMs": uploaded,
+            }
+        return table
 
     def _referrers(self, name: str, digest: str, params: dict[str, str]) -> None:
         schema_tag = digest.replace(":", "-")
@@ -148,6 +194,8 @@ def main() -> None:
     registry_url, port = sys.argv[1], int(sys.argv[2])
     parts = urlsplit(registry_url)
     PagingHandler.registry = (parts.hostname or "127.0.0.1", parts.port or 80)
+    if len(sys.argv) > 3:
+        PagingHandler.storage = Path(sys.argv[3])
     server = ThreadingHTTPServer(("127.0.0.1", port), PagingHandler)
     server.daemon_threads = True
     server.serve_forever()

@@ -407,25 +407,69 @@ def nginx_proxy(
     `clients` maps a name to the address that listener reports as the
     client (only ever a header value; no traffic goes there).
     """
-    program = require_tools("nginx")["nginx"]
-    base = workdir / name
-    base.mkdir(parents=True, exist_ok=True)
     ports = {client: free_port() for client in clients}
     servers = "".join(
         _NGINX_SERVER.format(listen=f"{LOOPBACK}:{ports[c]}", target=target_url, address=address)
         for c, address in clients.items()
     )
+    urls = {c: f"http://{LOOPBACK}:{p}" for c, p in ports.items()}
+    with _nginx(workdir, name, servers, list(urls.values())) as process:
+        yield Proxy(urls, dict(clients), process)
+
+
+@contextlib.contextmanager
+def _nginx(workdir: Path, name: str, servers: str, urls: list[str]) -> Iterator[Process]:
+    """nginx serving `servers` (server blocks), once each of `urls` answers `/v2/` with 200."""
+    program = require_tools("nginx")["nginx"]
+    base = workdir / name
+    base.mkdir(parents=True, exist_ok=True)
     config_path = base / "nginx.conf"
     config_path.write_text(_NGINX_CONF.format(base=base, temp_paths=nginx_temp_paths(base), servers=servers))
     argv = [program, "-p", str(base), "-e", str(base / "error.log"), "-c", str(config_path)]
     with running(name, argv, base / "nginx.out") as process:
-        urls = {c: f"http://{LOOPBACK}:{p}" for c, p in ports.items()}
-        for url in urls.values():
+        for url in urls:
             wait_until(
                 lambda u=url: http_status(u + "/v2/") == 200, what=f"nginx at {url}",
                 alive=lambda: _alive_with_log(process, base / "error.log"),
             )
-        yield Proxy(urls, dict(clients), process)
+        yield process
+
+
+# Refusals as the hosts behind archeio answer them: a repository path with
+# /forbidden/ gets 403 (Google's front end, S3), one with /limited/ 429 (a
+# rate limit), every blob 403; everything else is the registry's answer.
+_NGINX_REFUSING = """\
+    server {{
+        listen {listen};
+        location ~ /forbidden/ {{ return 403; }}
+        location ~ /limited/ {{ return 429; }}
+        location ~ /blobs/ {{ return 403; }}
+        location / {{
+            proxy_pass {target};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_redirect off;
+        }}
+    }}
+"""
+
+
+@dataclass
+class RefusingFront:
+    """nginx before a registry, refusing some requests (see _NGINX_REFUSING)."""
+
+    url: str
+    process: Process
+
+
+@contextlib.contextmanager
+def refusing_front(workdir: Path, registry: Registry, name: str = "nginx-refusing") -> Iterator[RefusingFront]:
+    """A real HTTP server answering 403 and 429 where real registries and buckets may."""
+    listen = f"{LOOPBACK}:{free_port()}"
+    url = f"http://{listen}"
+    with _nginx(workdir, name, _NGINX_REFUSING.format(listen=listen, target=registry.url), [url]) as process:
+        yield RefusingFront(url, process)
 
 
 def _alive_with_log(process: Process, log: Path) -> None:
@@ -563,14 +607,17 @@ class PagingRegistry:
 
 
 @contextlib.contextmanager
-def paging_registry(workdir: Path, registry: Registry, name: str = "paging") -> Iterator[PagingRegistry]:
-    """The paginating front of `registry` on a free loopback port."""
+def paging_registry(workdir: Path, registry: Registry, name: str = "paging",
+                    manifest_map: bool = False) -> Iterator[PagingRegistry]:
+    """The paginating front of `registry` on a free loopback port; `manifest_map`: tag lists carry Google's map."""
     base = workdir / name
     base.mkdir(parents=True, exist_ok=True)
     port = free_port()
     script = Path(__file__).with_name("paging_registry.py")
     log_path = base / "paging.log"
     argv = [sys.executable, str(script), registry.url, str(port)]
+    if manifest_map:
+        argv.append(str(registry.storage))
     with running(name, argv, log_path) as process:
         url = f"http://{LOOPBACK}:{port}"
         wait_for_http(process, url + "/v2/")

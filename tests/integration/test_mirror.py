@@ -15,7 +15,11 @@ buckets, never from the mirror's word:
 - the request rate at the registry stays under the configured limit;
 - and the proof it all serves its purpose: after mirroring, skopeo pulling
   through `archeio serve` as an AWS client of the bucket's region gets
-  every blob from the bucket and none from the registry.
+  every blob from the bucket and none from the registry;
+- untagged manifests (a tag moved on, an index pushed by digest only) are
+  mirrored where the source lists them in Google's `manifest` map: a front
+  of the registry (paging_registry.py) adds that map, read from the
+  registry's own storage.
 
 The images live in their own repositories (`mirror-test/...`) and buckets,
 so the rest of the suite, which shares the registry and S3 server, is
@@ -34,6 +38,7 @@ import sys
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +49,7 @@ from ..mirror_fakes import FakeRegistry, make_image, serve_in_thread
 from . import images, services
 from .clients import layout_blob, pulled_digest, skopeo_copy
 from .images import Image, Layout, Platform
-from .services import Registry, S3Server
+from .services import PagingRegistry, Registry, S3Server
 
 pytestmark = pytest.mark.integration
 
@@ -377,3 +382,85 @@ def test_done_markers_record_each_image_with_its_blobs(
     record = json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
     assert record["blobs"] == sorted(b.digest for b in pushed.multi.blobs)
     assert record["manifests"] == 3  # the index and its two platforms
+
+
+# -- every manifest, tagged or not: Google's manifest map ---------------------------------------------
+
+
+@dataclass
+class Untagged:
+    """A repository holding manifests no tag points at."""
+
+    repository: str
+    moved: Image  # was `v1`, until the tag moved on to `current`
+    current: Image  # `v1` now
+    pinned: Image  # a two-platform index pushed by digest only: it and its children have no tag
+
+    def untagged_blobs(self) -> dict[str, bytes]:
+        return {b.digest: b.data for image in (self.moved, self.pinned) for b in image.blobs}
+
+
+@pytest.fixture(scope="module")
+def untagged(workdir: Path, registry: Registry) -> Untagged:
+    chosen = Untagged(
+        repository=f"{PREFIX}/untagged",
+        moved=images.sample_image("mirror-moved"),
+        current=images.sample_image("mirror-current"),
+        pinned=images.multi_platform_image("mirror-pinned", [Platform("linux", "amd64"), Platform("linux", "arm64")]),
+    )
+    layout = Layout(workdir / "untagged-layout")
+    layout.add(chosen.moved, "moved")
+    layout.add(chosen.current, "current")
+    images.push(layout, "moved", registry.host, chosen.repository, "v1")
+    images.push(layout, "current", registry.host, chosen.repository, "v1")  # `moved` keeps only its digest
+    for child in chosen.pinned.children:
+        images.push_over_http(registry.url, chosen.repository, child.digest, child)
+    images.push_over_http(registry.url, chosen.repository, chosen.pinned.digest, chosen.pinned)
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def mapped_source(workdir: Path, registry: Registry, untagged: Untagged) -> Iterator[PagingRegistry]:
+    """The registry behind a front whose tag lists carry the manifest map."""
+    with services.paging_registry(workdir, registry, "paging-manifest-map", manifest_map=True) as front:
+        yield front
+
+
+def mirror_into_a_new_bucket(s3: S3Server, source: str, repository: str) -> tuple[str, str]:
+    """(the bucket, the run's log) of a successful run copying `repository` from `source`."""
+    [bucket] = new_buckets(s3, 1)
+    done = run_mirror(source, "--to", s3.bucket_url(bucket), repository)
+    assert done.returncode == 0, done.stderr
+    return bucket, done.stderr
+
+
+def test_untagged_manifests_in_the_sources_map_are_mirrored(
+    mapped_source: PagingRegistry, s3: S3Server, untagged: Untagged,
+) -> None:
+    mark = mapped_source.log.mark()
+    bucket, log = mirror_into_a_new_bucket(s3, mapped_source.url, untagged.repository)
+    expected = {**untagged.untagged_blobs(), **{b.digest: b.data for b in untagged.current.blobs}}
+    assert stored_blobs(s3, bucket) == expected
+    # The moved image, the pinned index and its two children.
+    assert f"{untagged.repository}: 4 untagged manifests listed by the registry, mirrored too" in log
+    # The map named v1's digest: no HEAD was needed to resolve it.
+    assert not [r for r in mapped_source.log.since(mark) if r.method == "HEAD"]
+
+
+def test_without_the_map_only_the_tagged_manifest_is_mirrored(
+    registry: Registry, s3: S3Server, untagged: Untagged,
+) -> None:
+    bucket, _ = mirror_into_a_new_bucket(s3, registry.url, untagged.repository)
+    assert stored_blobs(s3, bucket) == {b.digest: b.data for b in untagged.current.blobs}
+
+
+def test_a_rerun_through_the_map_fetches_no_manifest_and_uploads_nothing(
+    mapped_source: PagingRegistry, s3: S3Server, untagged: Untagged,
+) -> None:
+    bucket, _ = mirror_into_a_new_bucket(s3, mapped_source.url, untagged.repository)
+    source_mark, s3_mark = mapped_source.log.mark(), s3.log.mark()
+    again = run_mirror(mapped_source.url, "--to", s3.bucket_url(bucket), untagged.repository)
+    assert again.returncode == 0, again.stderr
+    assert s3_writes(s3, s3_mark, [bucket]) == []
+    assert [r.path for r in mapped_source.log.since(source_mark)] == [f"/v2/{untagged.repository}/tags/list"]
+    assert "5 already done" in again.stderr  # v1, the moved image, the index and its two children
