@@ -8,6 +8,14 @@ one request and returns what to answer, as data:
 - a `PendingCheck` when a blob's answer needs an existence HEAD first; the
   engine then awaits `respond_after_check(pending)` for the decision.
 
+With the signature fallback on (SIGNATURE_UPSTREAM_ENDPOINT set to another
+registry than the upstream), `make_flow` gives a `FallbackFlow` instead:
+content by digest that no mirror serves (a manifest by digest, a Google
+Cloud client's blob, a blob the client's mirror lacks) is checked in the
+regional upstream, and what it lacks is sent to the signature upstream.
+The choice is made once, at start-up, so that without the setting no
+request pays for it.
+
 This is the one decision path: the engines serve with it and `archeio
 explain` explains with it (explain.py), so the two cannot disagree.
 
@@ -53,8 +61,12 @@ from .routing import (
     BLOB,
     CLIENT_IP_INVALID,
     LOCAL,
+    MANIFEST,
     MIRROR,
+    OTHER,
+    SIGNATURE_FALLBACK,
     Decision,
+    DigestRoute,
     LocalAnswer,
     Route,
     Router,
@@ -92,14 +104,20 @@ Forwarded = str | bytes | None
 
 
 class PendingCheck(NamedTuple):
-    """A blob request whose answer waits for an existence check of `mirror`."""
+    """A request whose answer waits for an existence check.
+
+    `mirror` is the mirror asked whether it holds the blob. With the
+    signature fallback (`FallbackFlow`), the regional upstream is asked next
+    when the mirror lacks it, or first and alone when `mirror` is None (a
+    manifest by digest, a Google Cloud client's blob).
+    """
 
     method: str
     path: str
     query: str
     route: Route
     placement: Placement | None
-    mirror: str
+    mirror: str | None
     request: AccessContext | None
 
 
@@ -110,6 +128,9 @@ Outcome = LocalAnswer | Decision | PendingCheck
 class RequestFlow:
     """Per-process state and request flow of the public port."""
 
+    # Whether content by digest is also checked in the regional upstream (FallbackFlow).
+    checks_upstream = False
+
     def __init__(self, settings: Settings, index: CloudIndex, cache: BlobExistenceCache) -> None:
         self.settings = settings
         self.index = index
@@ -117,7 +138,7 @@ class RequestFlow:
         # Answers and their latencies by (route kind, decision backend, status);
         # each route carries its key's list (`route.answers`).
         self.latency = RequestLatency()
-        self.router = Router(settings, self.latency.answers)
+        self.router = Router(settings, self.latency.answers, fallback=self.checks_upstream)
         self.cache = cache
         self._trusted_hops = settings.trusted_hops
         self._use_forwarded = settings.use_forwarded
@@ -198,7 +219,7 @@ class RequestFlow:
         requests it samples for the access log (ARCHEIO_ACCESS_LOG).
         """
         route = self._classify(method, path)
-        if type(route) is not Route:
+        if type(route) is not Route:  # an answer of our own (or FallbackFlow's DigestRoute: see there)
             return self._local(route, method, path, query, forwarded, peer, facts)  # type: ignore[arg-type]
         digest = route.digest
         if digest is None:  # anything but a blob we could find in a mirror
@@ -272,22 +293,35 @@ class RequestFlow:
 
     async def respond_after_check(self, pending: PendingCheck) -> Decision:
         """The blob's decision once the mirror has been asked (not counted yet: `delivered`)."""
-        assert pending.route.digest is not None
+        assert pending.route.digest is not None and pending.mirror is not None
         return self.decide_checked(pending, await self.cache.check(pending.mirror, pending.route.digest))
 
-    def decide_checked(self, pending: PendingCheck, found: bool) -> Decision:
-        """The blob's decision when the mirror holds it (`found`) or not."""
-        if found:
+    def decide_checked(self, pending: PendingCheck, found: bool, at_upstream: bool = True) -> Decision:
+        """The decision when the mirror holds the blob (`found`) or not.
+
+        `at_upstream`, whether the regional upstream holds it, matters only
+        with the signature fallback (`FallbackFlow`); without it, the
+        upstream is where everything is.
+        """
+        if found and pending.mirror is not None:
             return self.router.mirror_decision(pending.route, pending.mirror)
         return pending.route.plain if not pending.query else self.router.upstream_location(pending.route,
                                                                                            pending.query)
 
     def delivered(self, pending: PendingCheck, decision: Decision) -> None:
-        """A checked blob's answer is being handed to the transport: count it, make its access line if sampled."""
-        self.last_answer = self._to_mirror_answers if decision.backend == MIRROR else pending.route.answers
-        self._count_blob(pending.placement, decision.backend)
+        """A checked answer is being handed to the transport: count it, make its access line if sampled."""
+        route = pending.route
+        backend = decision.backend
+        if backend == MIRROR:
+            self.last_answer = self._to_mirror_answers
+        elif backend == route.backend:
+            self.last_answer = route.answers
+        else:
+            self._count((route.kind, backend, 307))
+        if route.kind == BLOB:
+            self._count_blob(pending.placement, backend)
         if pending.request is not None:
-            self._log(pending.method, pending.path, pending.query, 307, BLOB, decision.backend, pending.placement,
+            self._log(pending.method, pending.path, pending.query, 307, route.kind, backend, pending.placement,
                       decision.location, pending.request)
 
     def _to_mirror(
@@ -320,8 +354,8 @@ class RequestFlow:
 
     def _local(
         self, answer: LocalAnswer, method: str, path: str, query: str, forwarded: Forwarded,
-        peer: str | None, facts: RequestFacts | None, kind: str = "other",
-    ) -> LocalAnswer:
+        peer: str | None, facts: RequestFacts | None, kind: str = OTHER,
+    ) -> Outcome:
         self._count((kind, LOCAL, answer.status))
         if facts is not None:
             self._log(method, path, query, answer.status, kind, LOCAL, None, None, (forwarded, peer, facts))
@@ -388,3 +422,99 @@ class RequestFlow:
             "region": placement.region if placement else None,
             "location": location,
         }, self.settings.trace_project)
+
+
+class FallbackFlow(RequestFlow):
+    """The request flow with the signature fallback (kubernetes/registry.k8s.io PR #337's proposal).
+
+    Signatures and attestations are pushed only to the signature upstream;
+    clients then fetch their manifests and blobs by digest, which go to the
+    regional upstream like all content by digest. So content by digest that
+    no mirror serves is checked there first (`BlobExistenceCache.check_registry`,
+    with the mirrors' coalescing, concurrency limit and a breaker of its own):
+    present, the answer is the usual one; absent, or the check failed, the
+    same path on the signature upstream, which holds everything.
+
+    What this class changes, against `RequestFlow`, is where a checkable
+    digest goes when it would go to the upstream: `_to_upstream` (a blob
+    whose mirror lacks it, or a Google Cloud client's blob) and `_local`,
+    where `respond` sends a `DigestRoute` (a manifest by digest). A blob the
+    mirror holds, a manifest by tag and everything else take the same code
+    as without the fallback.
+    """
+
+    checks_upstream = True
+
+    def __init__(self, settings: Settings, index: CloudIndex, cache: BlobExistenceCache) -> None:
+        super().__init__(settings, index, cache)
+        self._regional = settings.upstream_registry_endpoint
+        # The answer lists of the fallback's redirects, one per kind, taken once.
+        self._fallback_answers = {
+            kind: self.latency.answers((kind, SIGNATURE_FALLBACK, 307)) for kind in (BLOB, MANIFEST)
+        }
+
+    def _local(
+        self, answer: LocalAnswer, method: str, path: str, query: str, forwarded: Forwarded,
+        peer: str | None, facts: RequestFacts | None, kind: str = OTHER,
+    ) -> Outcome:
+        if type(answer) is DigestRoute:  # a manifest by digest: its answer never depends on the client
+            return self._to_upstream(method, path, query, answer, None, forwarded, peer, facts)
+        return super()._local(answer, method, path, query, forwarded, peer, facts, kind)
+
+    def _to_upstream(  # type: ignore[override]
+        self, method: str, path: str, query: str, route: Route, placement: Placement | None,
+        forwarded: Forwarded, peer: str | None, facts: RequestFacts | None,
+    ) -> Decision | PendingCheck:
+        """Content by digest no mirror serves: the regional upstream's answer, or a check of it.
+
+        Inline where it can be: every pull fetches its platform manifest by
+        digest, so a known "present" is this flow's most common answer.
+        """
+        found = self._cached(self._regional, route.rest)
+        if found:
+            decision = route.plain if not query else self.router.upstream_location(route, query)
+            self.last_answer = route.answers
+        elif found is None:
+            request = (forwarded, peer, facts) if facts is not None else None
+            return PendingCheck(method, path, query, route, placement, None, request)
+        else:
+            decision = self.router.fallback_location(route, query)
+            self.last_answer = self._fallback_answers[route.kind]
+        if route.kind == BLOB:
+            self._count_blob(placement, decision.backend)
+        if facts is not None:
+            self._log(method, path, query, 307, route.kind, decision.backend, placement, decision.location,
+                      (forwarded, peer, facts))
+        return decision
+
+    async def respond_after_check(self, pending: PendingCheck) -> Decision:
+        """The mirror first, if any; when it lacks the blob, the regional upstream (unless known)."""
+        route = pending.route
+        mirror = pending.mirror
+        if mirror is not None:
+            assert route.digest is not None
+            if await self.cache.check(mirror, route.digest):
+                return self.decide_checked(pending, True)
+        found = self._cached(self._regional, route.rest)
+        if found is None:
+            found = await self.cache.check_registry(self._regional, route.rest, route.upstream)
+        return self.decide_checked(pending, False, found)
+
+    def decide_checked(self, pending: PendingCheck, found: bool, at_upstream: bool = True) -> Decision:
+        """The decision when the mirror holds the blob (`found`), else when the regional upstream
+        holds the content (`at_upstream`) or not."""
+        if found and pending.mirror is not None:
+            return self.router.mirror_decision(pending.route, pending.mirror)
+        return self.decide_upstream(pending.route, pending.query, at_upstream)
+
+    def decide_upstream(self, route: Route, query: str, found: bool) -> Decision:
+        """The regional upstream's redirect if it holds the content, else the signature upstream's."""
+        if found:
+            return route.plain if not query else self.router.upstream_location(route, query)
+        return self.router.fallback_location(route, query)
+
+
+def make_flow(settings: Settings, index: CloudIndex, cache: BlobExistenceCache) -> RequestFlow:
+    """The request flow for these settings: with the signature fallback or without, chosen once."""
+    flow = FallbackFlow if settings.signature_fallback else RequestFlow
+    return flow(settings, index, cache)

@@ -439,17 +439,18 @@ def _rate_limit(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]
 
 def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     checks = Family(
-        "archeio_existence_checks", "counter", "Blob existence answers that needed the mirror, by mirror "
-        "(its base URL) and outcome (hit; miss: 404; forbidden: 403, taken as not there like a miss; "
-        "error, timeout: a HEAD that failed; coalesced: shared another's HEAD; over_capacity, breaker_open: "
-        "none sent).",
+        "archeio_existence_checks", "counter", "Existence answers that needed a HEAD, by mirror (its base "
+        "URL, or with the signature fallback the regional upstream's) and outcome (hit; miss: 404; forbidden: "
+        "403, taken as not there like a miss; error, timeout: a HEAD that failed; coalesced: shared another's "
+        "HEAD; over_capacity, breaker_open: none sent).",
         ("mirror", "outcome"),
     )
     for (mirror, outcome), count in sorted(_sum_rows(snaps, "checks").items()):
         checks.add((mirror, outcome), count)
     yield checks
     latency = Family(
-        "archeio_existence_check_seconds", "histogram", "Duration of existence HEADs, by mirror and outcome.",
+        "archeio_existence_check_seconds", "histogram", "Duration of existence HEADs to mirrors (and the "
+        "regional upstream), by mirror and outcome.",
         ("mirror", "outcome"),
     )
     for (mirror, outcome), (counts, seconds) in sorted(_sum_histograms(snaps, "check_latency").items()):
@@ -464,8 +465,8 @@ def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
         sizes.add((mirror, cache), count)
     yield sizes
     breakers = Family(
-        "archeio_mirror_breaker_state", "gauge", "Workers whose circuit breaker for the mirror is in "
-        "the state (closed, open, half_open); mirrors appear once checked.",
+        "archeio_mirror_breaker_state", "gauge", "Workers whose circuit breaker for the mirror (or the "
+        "regional upstream, by its URL) is in the state (closed, open, half_open); each appears once checked.",
         ("mirror", "state"),
     )
     states: Counter[tuple[str, str]] = Counter()

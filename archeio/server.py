@@ -28,7 +28,7 @@ from iprange import RangeFileError, describe, load_index
 
 from . import signals
 from .admin import start_admin
-from .app import RequestFlow
+from .app import RequestFlow, make_flow
 from .config import Settings
 from .existence import BlobExistenceCache, warm_client
 from .http import Engine, make_engine
@@ -102,7 +102,7 @@ class Server:
         latency = CheckLatency()
         cache = BlobExistenceCache.from_settings(settings, latency.on_check)
         await cache.start()
-        self.flow = flow = RequestFlow(settings, index, cache)
+        self.flow = flow = make_flow(settings, index, cache)
         self.engine = engine = make_engine(settings.http, flow, settings, loop)
         reloads: Counter[tuple[str, str]] = Counter()
         self.reloader = reloader = RangeReloader(

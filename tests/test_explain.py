@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -256,14 +257,116 @@ CONSISTENCY_CASES = [
 ]
 
 
-async def test_explain_answers_what_the_running_server_answers(
-    settings: Settings, index: CloudIndex, start_server: Any,
+async def assert_explain_agrees_with_the_server(
+    settings: Settings, index: CloudIndex, start_server: Any, cases: list[tuple[str, str | None]],
 ) -> None:
     server = await start_server(settings)
     async with aiohttp.ClientSession() as session:
-        for target, forwarded in CONSISTENCY_CASES:
+        for target, forwarded in cases:
             headers = {"X-Forwarded-For": forwarded} if forwarded else {}
             async with session.get(server.url + target, headers=headers, allow_redirects=False) as response:
                 served = (response.status, response.headers.get("Location"))
             result = await explain(settings, index, target, forwarded=forwarded)
             assert (result.status, result.location) == served, (target, forwarded)
+
+
+async def test_explain_answers_what_the_running_server_answers(
+    settings: Settings, index: CloudIndex, start_server: Any,
+) -> None:
+    await assert_explain_agrees_with_the_server(settings, index, start_server, CONSISTENCY_CASES)
+
+
+# -- the signature fallback: the upstream's check and its outcomes ---------------------------
+
+SIGNATURES = "http://signatures.example"
+
+
+@pytest.fixture
+def fallback_settings(settings: Settings, bucket: Any) -> Settings:
+    """`settings` with a signature upstream of its own; the regional upstream is the bucket's root."""
+    bucket.add_to_registry("k8s-artifacts-prod/images/pause", HELD)
+    return replace(settings, upstream_registry_endpoint=bucket.url, signature_upstream_endpoint=SIGNATURES)
+
+
+def regional(bucket: Any, rest: str) -> str:
+    return f"{bucket.url}/v2/k8s-artifacts-prod/images/{rest}"
+
+
+def signatures(rest: str) -> str:
+    return f"{SIGNATURES}/v2/k8s-artifacts-prod/images/{rest}"
+
+
+async def test_manifest_by_digest_shows_the_upstreams_check(fallback_settings: Settings, index: CloudIndex,
+                                                             bucket: Any) -> None:
+    result = await explain(fallback_settings, index, f"pause@{HELD}")
+    assert result.kind == "manifest" and "signature fallback" in result.verdict
+    assert result.upstream_check is not None and result.upstream_check.outcome == "hit"
+    assert result.upstream_check.url == regional(bucket, f"pause/manifests/{HELD}")
+    assert (result.location, result.backend) == (regional(bucket, f"pause/manifests/{HELD}"), "upstream")
+
+
+async def test_manifest_the_upstream_lacks_shows_the_fallback(fallback_settings: Settings, index: CloudIndex) -> None:
+    result = await explain(fallback_settings, index, f"pause@{MISSING}")
+    assert result.upstream_check is not None and result.upstream_check.outcome == "miss"
+    assert (result.location, result.backend) == (signatures(f"pause/manifests/{MISSING}"), "signature_fallback")
+    rendered = result.render()
+    assert "upstream check  HEAD " in rendered and "404, 401 or 403" in rendered
+    assert any("signature upstream serves it" in note for note in result.notes)
+
+
+async def test_aws_blob_shows_both_checks_in_order(fallback_settings: Settings, index: CloudIndex,
+                                                   bucket: Any) -> None:
+    result = await explain(fallback_settings, index, f"/v2/pause/blobs/{MISSING}", forwarded=lb(AWS_EU_WEST_3))
+    assert result.check is not None and result.check.outcome == "miss"
+    assert result.check.url == f"{bucket.base('eu')}/containers/images/{MISSING}"
+    assert result.upstream_check is not None and result.upstream_check.outcome == "miss"
+    assert result.location == signatures(f"pause/blobs/{MISSING}")
+    lines = [line.split()[0] + " " + line.split()[1] for line in result.render().splitlines()]
+    assert lines.index("check HEAD") < lines.index("upstream check")
+
+
+async def test_blob_in_the_mirror_shows_no_upstream_check(fallback_settings: Settings, index: CloudIndex) -> None:
+    result = await explain(fallback_settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AWS_EU_WEST_3))
+    assert result.check is not None and result.check.outcome == "hit" and result.upstream_check is None
+
+
+async def test_no_check_gives_every_answer_of_the_fallback(fallback_settings: Settings, index: CloudIndex,
+                                                           bucket: Any) -> None:
+    result = await explain(fallback_settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AWS_EU_WEST_3),
+                           check=False)
+    assert sum(bucket.heads.values()) == 0 and result.check is None and result.upstream_check is None
+    assert result.if_in_mirror == f"{bucket.base('eu')}/containers/images/{HELD}"
+    assert result.if_at_upstream == regional(bucket, f"pause/blobs/{HELD}")
+    assert result.if_not_at_upstream == signatures(f"pause/blobs/{HELD}")
+    assert (result.status, result.location, result.backend, result.if_not_in_mirror) == (None, None, None, None)
+    labels = [line.split("  ")[0].strip() for line in result.render().splitlines()]
+    assert labels[-4:-1] == ["if in mirror", "if at upstream", "if not at upstream"]
+    assert "answer" not in labels
+
+
+async def test_no_check_of_a_manifest_by_digest_gives_its_two_answers(fallback_settings: Settings,
+                                                                      index: CloudIndex, bucket: Any) -> None:
+    result = await explain(fallback_settings, index, f"pause@{HELD}", check=False)
+    assert result.if_in_mirror is None
+    assert result.if_at_upstream == regional(bucket, f"pause/manifests/{HELD}")
+    assert result.if_not_at_upstream == signatures(f"pause/manifests/{HELD}")
+    assert result.location is None
+    assert json.loads(json.dumps(result.as_dict()))["if_at_upstream"] == result.if_at_upstream
+
+
+FALLBACK_CONSISTENCY_CASES = [
+    (f"/v2/pause/manifests/{HELD}", None),
+    (f"/v2/pause/manifests/{MISSING}", None),
+    (f"/v2/pause/blobs/{HELD}", lb(AWS_EU_WEST_3)),
+    (f"/v2/pause/blobs/{MISSING}", lb(AWS_EU_WEST_3)),
+    (f"/v2/pause/blobs/{HELD}", lb(GOOGLE_CLOUD)),
+    (f"/v2/pause/blobs/{MISSING}", lb(GOOGLE_CLOUD)),
+    (f"/v2/pause/blobs/{MISSING}", lb(NOBODY)),
+    ("/v2/pause/manifests/3.9", None),
+]
+
+
+async def test_explain_answers_what_the_running_server_answers_with_the_fallback(
+    fallback_settings: Settings, index: CloudIndex, start_server: Any,
+) -> None:
+    await assert_explain_agrees_with_the_server(fallback_settings, index, start_server, FALLBACK_CONSISTENCY_CASES)
