@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything slow: a SIGHUP or SIGTERM during start-up is held
         # until the server can act on it, never fatal (signals.py).
         signals.hold()
+    # A reader that leaves (`archeio settings | head`) ends the command
+    # quietly. (`serve` imports iprange anyway, the supervisor included.)
+    from iprange.pipes import run_quietly
+
+    return run_quietly(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from .config import ConfigError, load_settings, settings_table
 
     if argv == ["serve"]:

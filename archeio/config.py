@@ -194,7 +194,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "signature_upstream_endpoint", "SIGNATURE_UPSTREAM_ENDPOINT", "", _optional_base_url,
-        "Registry for cosign `.sig`/`.att` tags and the referrers API; empty: the source registry.",
+        "Registry for cosign `.sig`/`.att` tags and the referrers API; empty: the source registry. "
+        "When set to another registry, it is also where content by digest goes when the source registry "
+        "lacks it (manifests by digest, and blobs no mirror serves, checked there first).",
     ),
     Setting(
         "default_aws_base_url", "DEFAULT_AWS_BASE_URL", "https://d1be1w964nk82h.cloudfront.net",
@@ -253,11 +255,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "cache_size", "ARCHEIO_CACHE_SIZE", "200000", _positive_int,
         "Entries in each of the hit and miss caches (bounds memory: about 240 bytes a configured entry, "
-        "measured); each forgets half of its entries at a time when full.",
+        "measured; up to 570 with the signature fallback, whose entries hold the repository name); each "
+        "forgets half of its entries at a time when full.",
     ),
     Setting(
         "head_timeout", "ARCHEIO_HEAD_TIMEOUT", "1.0", _positive_seconds,
-        "Deadline in seconds for one existence HEAD to a mirror (upstream: 5).",
+        "Deadline in seconds for one existence HEAD to a mirror, or to the upstream for the signature "
+        "fallback (upstream: 5).",
     ),
     Setting(
         "head_concurrency", "ARCHEIO_HEAD_CONCURRENCY", "256", _positive_int,
@@ -265,7 +269,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "breaker_failures", "ARCHEIO_BREAKER_FAILURES", "5", _positive_int,
-        "Consecutive failed HEADs that open a mirror's circuit breaker.",
+        "Consecutive failed HEADs that open a mirror's (or the upstream's) circuit breaker.",
     ),
     Setting(
         "breaker_cooldown", "ARCHEIO_BREAKER_COOLDOWN", "10", _positive_seconds,
@@ -454,6 +458,17 @@ class Settings:
     mirrors: Mirrors = field(default_factory=Mirrors)
     info_url: str = INFO_URL
     privacy_url: str = PRIVACY_URL
+
+    @property
+    def signature_fallback(self) -> bool:
+        """Content by digest that the source registry lacks goes to the signature upstream.
+
+        Only when that is another registry: signatures pushed to the
+        source registry itself need no fallback.
+        """
+        return bool(self.signature_upstream_endpoint) and (
+            self.signature_upstream_endpoint != self.upstream_registry_endpoint
+        )
 
     def summary(self) -> dict[str, object]:
         """The loaded configuration, for the start-up log line."""

@@ -1,5 +1,15 @@
 """Does a mirror hold a blob? HEAD checks, their caches, coalescing and breakers.
 
+Two kinds of check share everything below:
+
+- a blob in a mirror bucket (`check`): `HEAD <mirror>/containers/images/<digest>`,
+  remembered by (mirror, digest), since a bucket holds blobs by digest alone;
+- content by digest in the regional upstream registry (`check_registry`, the
+  signature fallback of app.py): `HEAD <registry>/v2/<path>/<name>/manifests|blobs/<digest>`,
+  remembered by (registry, `<name>/manifests|blobs/<digest>`), since in a
+  registry content belongs to a repository. The key is the route's own
+  string, so an entry costs what a blob entry does plus the repository name.
+
 Upstream caches hits forever in an unbounded map, never caches misses and
 waits up to 5 s on a slow bucket. Here:
 
@@ -15,12 +25,18 @@ waits up to 5 s on a slow bucket. Here:
   once more;
 - a failed or timed-out check counts as "not there" and is remembered only
   for the short error TTL;
+- a 403 is "not there" like a 404, and counts as a sensible answer for the
+  breaker: S3 answers 403 for a missing key when the reader may not list
+  the bucket, which a public mirror's policy often allows. It is counted
+  apart (`forbidden`), because a bucket policy that denies reads sends
+  every answer there: an operator alerts on its share;
 - concurrent requests for the same unchecked blob share one HEAD;
 - at most `head_concurrency` HEADs are in flight: a request beyond that is
   answered "not checked" and goes upstream at once instead of queueing;
-- each mirror has a circuit breaker: after `breaker_failures` failed checks
-  in a row its blobs go upstream without a HEAD for `breaker_cooldown`
-  seconds, then one probe decides whether it is used again.
+- each mirror, and the regional upstream, has a circuit breaker of its own
+  (by base URL): after `breaker_failures` failed checks in a row it is not
+  asked (its answer taken as "not there") for `breaker_cooldown` seconds,
+  then one probe decides whether it is asked again.
 
 This module owns the one `aiohttp.ClientSession` of the process. It opens
 it at the first HEAD, not at start-up: importing aiohttp's client costs
@@ -49,19 +65,57 @@ log = logging.getLogger("archeio.existence")
 # Outcomes of `BlobExistenceCache.check`, also metric labels.
 HIT = "hit"
 MISS = "miss"
+FORBIDDEN = "forbidden"
 ERROR = "error"
 TIMEOUT = "timeout"
 COALESCED = "coalesced"
 OVER_CAPACITY = "over_capacity"
 BREAKER_OPEN = "breaker_open"
 
+# Outcomes of a HEAD the mirror answered sensibly (the breaker's successes),
+# and of one that failed (remembered for the short error TTL).
+_ANSWERED = frozenset({HIT, MISS, FORBIDDEN})
+_FAILED = frozenset({ERROR, TIMEOUT})
+
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
 
+# What a registry check accepts: Debian's docker-registry (distribution 2.8)
+# answers 404 to a HEAD for an OCI manifest or an index unless the request
+# accepts its media type; for blobs, Accept does not matter.
+REGISTRY_ACCEPT = ", ".join((
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+))
+_REGISTRY_HEADERS = {"Accept": REGISTRY_ACCEPT}
+
+
+def head_outcome(status: int, registry: bool) -> str:
+    """What a HEAD's status says: HIT, MISS, FORBIDDEN or ERROR.
+
+    200 is a hit; a registry may also answer a blob with a redirect to its
+    storage, which says it holds it. 5xx and 429 are failures. Anything
+    else is "not there": 404, and 403 from buckets that hide what they
+    lack, counted apart as FORBIDDEN (a policy denying reads looks the
+    same, and an operator alerts on its share). From a registry, 401 and
+    403 count as "not there" too: the client we would send there gets the
+    same refusal, and the signature upstream, where a miss goes, holds
+    everything.
+    """
+    if status == 200 or (registry and 300 <= status < 400):
+        return HIT
+    if status >= 500 or status == 429:
+        return ERROR
+    if status == 403:
+        return FORBIDDEN
+    return MISS
+
 
 class CircuitBreaker:
-    """Per-mirror breaker: closed -> open after N failures -> half-open probe."""
+    """Per-mirror (per base URL) breaker: closed -> open after N failures -> half-open probe."""
 
     def __init__(self, mirror: str, failures: int, cooldown: float,
                  on_change: Callable[[str, str], None] | None = None) -> None:
@@ -110,14 +164,17 @@ class CircuitBreaker:
 
 
 class ExpiringSet:
-    """(mirror, digest) pairs remembered for at most `ttl` seconds, at most `capacity` at a time.
+    """(mirror, key) pairs remembered for at most `ttl` seconds, at most `capacity` at a time.
+
+    The key is a blob's digest for a mirror bucket, the route's
+    `<name>/manifests|blobs/<digest>` for the regional upstream registry.
 
     Two generations of sets per mirror: new pairs go into the young one;
     every ttl/2 seconds, or when the young one holds half of `capacity`,
     the old generation is dropped and the young one becomes old. The old
     generation is consulted only until one ttl after its pairs began to be
     learnt, so no answer outlives its TTL, whenever the rotation happens.
-    A pair costs a slot in a set (the digest string is usually shared with
+    A pair costs a slot in a set (the key string is usually shared with
     the router's route); a lookup is two or three set lookups.
     """
 
@@ -174,6 +231,14 @@ class ExpiringSet:
             young.add(digest)
             self._young_count += 1
 
+    def sizes(self) -> dict[str, int]:
+        """Entries held per mirror, both generations (as `len` counts them)."""
+        held: dict[str, int] = {}
+        for generation in (self._young, self._old):
+            for mirror, members in generation.items():
+                held[mirror] = held.get(mirror, 0) + len(members)
+        return held
+
     def discard(self, mirror: str, digest: str) -> None:
         for generation in (self._young, self._old):
             members = generation.get(mirror)
@@ -186,7 +251,8 @@ class ExpiringSet:
 
 
 class BlobExistenceCache:
-    """Answers "is `digest` at `<mirror>/containers/images/<digest>`", cheaply."""
+    """Answers "is `digest` at `<mirror>/containers/images/<digest>`" (and "is this content in the
+    regional upstream registry"), cheaply."""
 
     def __init__(
         self,
@@ -216,7 +282,8 @@ class BlobExistenceCache:
         # on_check(mirror, outcome, seconds): metrics hook, called per check.
         self._on_check = on_check
         self.breakers: dict[str, CircuitBreaker] = {}
-        self.outcomes: Counter[str] = Counter()
+        # (mirror, outcome) -> answers; the mirror is a configured base URL.
+        self.outcomes: Counter[tuple[str, str]] = Counter()
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -255,9 +322,22 @@ class BlobExistenceCache:
             await self._session.close()
             self._session = None
 
+    def count(self, outcome: str) -> int:
+        """Answers with `outcome`, every mirror together."""
+        return sum(n for (_, seen), n in self.outcomes.items() if seen == outcome)
+
     @property
     def sizes(self) -> dict[str, int]:
         return {"hits": len(self._hits), "misses": len(self._misses) + len(self._errors)}
+
+    def size_rows(self) -> list[list[object]]:
+        """[[mirror, cache (hits or misses), entries]]: the caches' sizes by mirror, for metrics."""
+        rows: Counter[tuple[str, str]] = Counter()
+        for cache, sets in (("hits", (self._hits,)), ("misses", (self._misses, self._errors))):
+            for expiring in sets:
+                for mirror, entries in expiring.sizes().items():
+                    rows[mirror, cache] += entries
+        return [[mirror, cache, n] for (mirror, cache), n in rows.items()]
 
     def breaker(self, mirror: str) -> CircuitBreaker:
         breaker = self.breakers.get(mirror)
@@ -270,14 +350,15 @@ class BlobExistenceCache:
     def cached(self, mirror: str, digest: str) -> bool | None:
         """The answer without any I/O, or None when a check is needed.
 
-        An open breaker answers False: the mirror is not trusted for now,
-        not even for blobs it was known to hold.
+        Also for a registry check: (registry, key) as `check_registry` takes
+        them. An open breaker answers False: the mirror is not trusted for
+        now, not even for blobs it was known to hold.
         """
         now = time.monotonic()
         breaker = self.breakers.get(mirror)
         if breaker is not None and breaker.state != CLOSED:
             if not breaker.allow(now):
-                self.outcomes[BREAKER_OPEN] += 1
+                self.outcomes[mirror, BREAKER_OPEN] += 1
                 return False
             if breaker.state == HALF_OPEN:
                 return None  # allow() just granted this request the probe: make it check
@@ -299,38 +380,50 @@ class BlobExistenceCache:
 
     async def check(self, mirror: str, digest: str) -> bool:
         """Is the blob in the mirror? Uses the caches, shares in-flight HEADs."""
-        key = (mirror, digest)
-        pending = self._in_flight.get(key)
+        return await self._check(mirror, digest, f"{mirror}/containers/images/{digest}", None)
+
+    async def check_registry(self, registry: str, key: str, url: str) -> bool:
+        """Does the registry at `registry` hold the content at `url` (a manifest or blob by digest)?
+
+        Remembered by (registry, `key`), the route's `<name>/manifests|blobs/<digest>`:
+        a registry holds content by repository. Asked with `cached(registry, key)` first,
+        as for a mirror.
+        """
+        return await self._check(registry, key, url, _REGISTRY_HEADERS)
+
+    async def _check(self, base: str, key: str, url: str, headers: dict[str, str] | None) -> bool:
+        flight = (base, key)
+        pending = self._in_flight.get(flight)
         if pending is not None:
-            self.outcomes[COALESCED] += 1
+            self.outcomes[base, COALESCED] += 1
             if self._on_check is not None:
-                self._on_check(mirror, COALESCED, 0.0)
+                self._on_check(base, COALESCED, 0.0)
             return await asyncio.shield(pending)
-        breaker = self.breakers.get(mirror)
+        breaker = self.breakers.get(base)
         if breaker is None or breaker.state == CLOSED:
             # Another request's HEAD may have finished since `cached` was
             # asked (this runs in a task started after it): use its answer,
             # so a blob costs one HEAD per TTL however requests interleave.
-            known = self._known(mirror, digest, time.monotonic())
+            known = self._known(base, key, time.monotonic())
             if known is not None:
                 return known
         if len(self._in_flight) >= self._head_concurrency:
-            self.outcomes[OVER_CAPACITY] += 1
+            self.outcomes[base, OVER_CAPACITY] += 1
             return False
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
+        self._in_flight[flight] = future
         try:
-            found = await self._head(mirror, digest)
+            found = await self._head(base, key, url, headers)
         except BaseException:
             future.set_result(False)
             raise
         finally:
-            del self._in_flight[key]
+            del self._in_flight[flight]
         if not future.done():
             future.set_result(found)
         return found
 
-    async def _head(self, mirror: str, digest: str) -> bool:
+    async def _head(self, base: str, key: str, url: str, headers: dict[str, str] | None) -> bool:
         if not _client_imported.is_set():
             # The first HEAD of the process: the client's import (about
             # 0.1 s) runs in a thread, so the loop goes on answering others.
@@ -338,10 +431,9 @@ class BlobExistenceCache:
         import aiohttp
 
         session = self._session if self._session is not None else self._open_session()
-        url = f"{mirror}/containers/images/{digest}"
         started = time.monotonic()
         try:
-            async with session.head(url, allow_redirects=False) as response:
+            async with session.head(url, allow_redirects=False, headers=headers) as response:
                 status = response.status
         except TimeoutError:
             outcome = TIMEOUT
@@ -349,25 +441,19 @@ class BlobExistenceCache:
             log.debug("HEAD %s failed: %r", url, exc)
             outcome = ERROR
         else:
-            if status == 200:
-                outcome = HIT
-            elif status >= 500 or status == 429:
-                outcome = ERROR
-            else:
-                # 404, and 403 from S3 buckets that hide what they lack.
-                outcome = MISS
+            outcome = head_outcome(status, headers is not None)
         now = time.monotonic()
-        self.breaker(mirror).record(outcome in (HIT, MISS), now)
-        self.outcomes[outcome] += 1
+        self.breaker(base).record(outcome in _ANSWERED, now)
+        self.outcomes[base, outcome] += 1
         if self._on_check is not None:
-            self._on_check(mirror, outcome, now - started)
+            self._on_check(base, outcome, now - started)
         if outcome == HIT:
-            self._misses.discard(mirror, digest)
-            self._errors.discard(mirror, digest)
-            self._hits.add(mirror, digest, now)
+            self._misses.discard(base, key)
+            self._errors.discard(base, key)
+            self._hits.add(base, key, now)
             return True
-        self._hits.discard(mirror, digest)
-        (self._misses if outcome == MISS else self._errors).add(mirror, digest, now)
+        self._hits.discard(base, key)
+        (self._errors if outcome in _FAILED else self._misses).add(base, key, now)
         return False
 
 

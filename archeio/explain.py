@@ -6,16 +6,19 @@ on the mirror table and on whether the mirror holds the blob right now.
 The answer itself comes from the server's own request flow: a
 `RequestFlow` (app.py) with this deployment's settings and range data
 responds, and a blob that needs a check gets the same live check the server
-makes (`respond_after_check`) or, with --no-check, both of its outcomes
-(`decide_checked`). Around it, this module only says why, with the same
+makes (`respond_after_check`) or, with --no-check, each of its outcomes
+(`decide_checked`): in the mirror, and, with the signature fallback, at the
+regional upstream, or neither. Around it, this module only says why, with the same
 pieces the flow uses: `client_ip`'s `forwarded_entries` and
 `client_entry`, `strip_port`, the `CloudIndex` and `Router.mirror_for`.
 It reads the same settings as `serve` (variables and flags), so it explains
 what this deployment would answer.
 
 TARGET is a request path (`/v2/pause/blobs/sha256:...`, a query allowed) or
-an image reference (`pause:3.9`, `pause@sha256:...`, with or without a
-registry host), which stands for its manifest request.
+an image reference (`pause:3.9`, `pause@sha256:...`, without a registry
+host or with `registry.k8s.io`), which stands for its manifest request. A
+reference that names another registry (`docker.io/library/nginx`,
+`localhost:5000/a`) is refused: this deployment never sees its requests.
 """
 
 from __future__ import annotations
@@ -30,23 +33,38 @@ from typing import Any
 from iprange import CloudIndex, InvalidAddress, Placement, RangeFileError, load_index
 from iprange.parse import FILE_NAMES
 
-from .app import PendingCheck, RequestFlow
+from .app import PendingCheck, RequestFlow, make_flow
 from .clientip import client_entry, forwarded_entries, strip_port
 from .config import ConfigError, Settings, load_settings
 from .config import add_arguments as add_setting_arguments
 from .existence import BlobExistenceCache
-from .routing import BLOB, LOCAL, MIRROR, Decision, LocalAnswer, Router
+from .routing import BLOB, LOCAL, SIGNATURE_FALLBACK, UPSTREAM, Decision, LocalAnswer, Router
 
 # What a direct request from this machine would come from.
 DEFAULT_PEER = "127.0.0.1"
+# The registry a reference may name: the one this server is the backend of.
+# (A deployment under another name is explained by path or by a reference
+# without a registry host.)
+REGISTRY = "registry.k8s.io"
+
+
+class TargetError(ValueError):
+    """A TARGET explain cannot stand for a request to this server."""
 
 # existence.py's check outcomes, in words.
 _OUTCOMES = {
     "hit": "found (200)",
-    "miss": "not there (404 or 403)",
+    "miss": "not there (404)",
+    "forbidden": "not there (403: the bucket hides what it lacks from readers who may not list it)",
     "error": "failed (5xx, 429 or a connection error): taken as not there",
     "timeout": "no answer within ARCHEIO_HEAD_TIMEOUT: taken as not there",
     "over_capacity": "not checked (too many HEADs in flight): taken as not there",
+}
+# The same, for the check of the regional upstream registry (the signature fallback).
+_UPSTREAM_OUTCOMES = {
+    **_OUTCOMES,
+    "hit": "found (200, or a redirect to its storage)",
+    "miss": "not there (404, 401 or 403)",
 }
 
 
@@ -92,16 +110,23 @@ class Explanation:
     query: str
     kind: str  # the route kind, or "local" for an answer of our own
     verdict: str
-    status: int
+    status: int | None  # None: it depends on the mirror, not checked (--no-check); see if_in_mirror
     location: str | None
-    backend: str
+    backend: str | None
     code: str | None = None
     client: Client | None = None
     placement: Where | None = None
     mirror: MirrorChoice | None = None
     check: Check | None = None
-    # With --no-check, a blob's answer depends on the mirror: both are given.
+    # With the signature fallback: the check of the regional upstream, when made.
+    upstream_check: Check | None = None
+    # With --no-check, the answer depends on what the mirror (and, with the
+    # signature fallback, the regional upstream) holds: each candidate's
+    # Location is given, and status, location and backend are None.
     if_in_mirror: str | None = None
+    if_not_in_mirror: str | None = None  # without the fallback
+    if_at_upstream: str | None = None  # with the fallback
+    if_not_at_upstream: str | None = None  # with the fallback
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -125,18 +150,23 @@ class Explanation:
             lines.append(("placement", "in no cloud's published ranges"))
         if self.mirror is not None:
             lines.append(("mirror", f"{self.mirror.url or 'none'}: {self.mirror.reason}"))
-        if self.check is not None:
-            c = self.check
-            lines.append(("check", f"HEAD {c.url}: {c.meaning}, {c.seconds * 1000:.1f} ms"))
-        answer = f"{self.status}"
-        if self.code:
-            answer += f" {self.code}"
-        if self.location:
-            answer += f" Location: {self.location}"
-        if self.if_in_mirror:
-            lines.append(("if in mirror", f"307 Location: {self.if_in_mirror}"))
-            lines.append(("otherwise", answer))
+        for label, made in (("check", self.check), ("upstream check", self.upstream_check)):
+            if made is not None:
+                lines.append((label, f"HEAD {made.url}: {made.meaning}, {made.seconds * 1000:.1f} ms"))
+        candidates = [
+            (label, location) for label, location in (
+                ("if in mirror", self.if_in_mirror), ("if not in mirror", self.if_not_in_mirror),
+                ("if at upstream", self.if_at_upstream), ("if not at upstream", self.if_not_at_upstream),
+            ) if location is not None
+        ]
+        if candidates and self.status is None:
+            lines.extend((label, f"307 Location: {location}") for label, location in candidates)
         else:
+            answer = f"{self.status}"
+            if self.code:
+                answer += f" {self.code}"
+            if self.location:
+                answer += f" Location: {self.location}"
             lines.append(("answer", answer))
         lines.extend(("note", note) for note in self.notes)
         width = max(len(label) for label, _ in lines)
@@ -144,7 +174,7 @@ class Explanation:
 
 
 def request_for(target: str) -> tuple[str, str]:
-    """(raw path, raw query) for a TARGET: a request path, or an image reference."""
+    """(raw path, raw query) for a TARGET: a request path, or an image reference; TargetError if neither."""
     if target.startswith("/"):
         path, _, query = target.partition("?")
         return path, query
@@ -152,6 +182,11 @@ def request_for(target: str) -> tuple[str, str]:
     first, _, remainder = reference.partition("/")
     # A registry host as docker names it: has a dot or a port, or is localhost.
     if remainder and ("." in first or ":" in first or first == "localhost"):
+        if first.lower() != REGISTRY:
+            raise TargetError(
+                f"{target!r} names the registry {first}, not {REGISTRY}: explain answers for this server "
+                f"only; give {remainder!r} or a request path"
+            )
         reference = remainder
     if "@" in reference:
         name, _, digest = reference.partition("@")
@@ -232,11 +267,11 @@ async def explain(
     The answer comes from the server's own `RequestFlow` (respond, then the
     live check or both of its outcomes); the steps around it only say why.
     """
-    seen: list[tuple[str, float]] = []
+    seen: list[tuple[str, str, float]] = []  # (base URL, outcome, seconds) of each check
     cache = BlobExistenceCache.from_settings(
-        settings, on_check=lambda _mirror, outcome, seconds: seen.append((outcome, seconds))
+        settings, on_check=lambda base, outcome, seconds: seen.append((base, outcome, seconds))
     )
-    flow = RequestFlow(replace(settings, access_log=0.0), index, cache)
+    flow = make_flow(replace(settings, access_log=0.0), index, cache)
     path, query = request_for(target)
     outcome = flow.respond(method, path, query, forwarded, peer)
     route = flow.router.classify(method, path)
@@ -244,7 +279,7 @@ async def explain(
         assert isinstance(outcome, LocalAnswer)
         return Explanation(method, path, query, LOCAL, _local_verdict(outcome), outcome.status, outcome.location,
                            LOCAL, outcome.code or None)
-    if route.kind != BLOB or route.digest is None:
+    if route.digest is None:
         assert isinstance(outcome, Decision)
         verdict = "well-formed"
         notes = []
@@ -254,6 +289,12 @@ async def explain(
             notes.append("only blob requests depend on where the client is")
         return Explanation(method, path, query, route.kind, verdict, 307, outcome.location, outcome.backend,
                            notes=notes)
+    if route.kind != BLOB:  # a manifest by digest, with the signature fallback
+        result = Explanation(method, path, query, route.kind, "well-formed, by digest: the upstream is asked "
+                             "whether it holds it (the signature fallback)", 307, None, "",
+                             notes=["only blob requests depend on where the client is"])
+        assert isinstance(outcome, PendingCheck)
+        return await _finish(result, flow, cache, outcome, check, seen)
 
     result = Explanation(method, path, query, BLOB, "well-formed, digest checkable", 307, None, "")
     result.client = _client(settings, forwarded, peer)
@@ -274,24 +315,52 @@ async def explain(
     mirror = flow.router.mirror_for(placement)
     result.mirror = MirrorChoice(mirror, _mirror_reason(settings, placement, mirror))
     if isinstance(outcome, PendingCheck):
-        if check:
-            try:
-                decision = await flow.respond_after_check(outcome)
-            finally:
-                await cache.close()
-            what, seconds = seen[0] if seen else ("over_capacity", 0.0)
-            url = Router.mirror_location(outcome.mirror, route.digest).location
-            result.check = Check(url, what, _OUTCOMES.get(what, what), seconds)
-            if decision.backend != MIRROR:
-                result.notes.append("the blob is served by the source registry")
-        else:
-            result.if_in_mirror = flow.decide_checked(outcome, True).location
-            decision = flow.decide_checked(outcome, False)
-            result.notes.append("--no-check: the answer depends on whether the mirror holds the blob")
+        return await _finish(result, flow, cache, outcome, check, seen)
+    result.location, result.backend = outcome.location, outcome.backend
+    if outcome.backend == UPSTREAM:
+        result.notes.append("the blob is served by the source registry")
+    return result
+
+
+async def _finish(
+    result: Explanation, flow: RequestFlow, cache: BlobExistenceCache, pending: PendingCheck, check: bool,
+    seen: list[tuple[str, str, float]],
+) -> Explanation:
+    """A pending answer explained: the live check(s) the server makes, or with --no-check each candidate."""
+    route = pending.route
+    assert route.digest is not None
+    mirror_url = Router.mirror_location(pending.mirror, route.digest).location if pending.mirror else None
+    if check:
+        try:
+            decision = await flow.respond_after_check(pending)
+        finally:
+            await cache.close()
+        for base, what, seconds in seen:
+            if base == pending.mirror and mirror_url is not None:
+                result.check = Check(mirror_url, what, _OUTCOMES.get(what, what), seconds)
+            else:
+                result.upstream_check = Check(route.upstream, what, _UPSTREAM_OUTCOMES.get(what, what), seconds)
+        if mirror_url is not None and result.check is None:
+            result.check = Check(mirror_url, "over_capacity", _OUTCOMES["over_capacity"], 0.0)
     else:
-        decision = outcome
-        if mirror is None:
-            result.notes.append("the blob is served by the source registry")
+        if mirror_url is not None:
+            result.if_in_mirror = flow.decide_checked(pending, True).location
+        if flow.checks_upstream:
+            result.if_at_upstream = flow.decide_checked(pending, False, True).location
+            result.if_not_at_upstream = flow.decide_checked(pending, False, False).location
+        else:
+            result.if_not_in_mirror = flow.decide_checked(pending, False).location
+        held = "the mirror holds the blob" if mirror_url else ""
+        if flow.checks_upstream:
+            held += (" or " if held else "") + "the upstream holds it"
+        result.notes.append(f"--no-check: the answer depends on whether {held}")
+        result.status = result.location = result.backend = None
+        return result
+    if decision.backend == UPSTREAM:
+        result.notes.append(f"the {route.kind} is served by the source registry")
+    if decision.backend == SIGNATURE_FALLBACK:
+        result.notes.append(f"the source registry lacks the {route.kind} (or could not tell): the signature "
+                            "upstream serves it, which holds everything (SIGNATURE_UPSTREAM_ENDPOINT)")
     result.location, result.backend = decision.location, decision.backend
     return result
 
@@ -323,6 +392,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"archeio: configuration error: ARCHEIO_RANGES_DIR: {exc}", file=sys.stderr)
         return 2
     peer = args.client if args.client is not None else (None if args.forwarded is not None else DEFAULT_PEER)
+    try:
+        request_for(args.target)
+    except TargetError as exc:
+        print(f"archeio explain: {exc}", file=sys.stderr)
+        return 2
     result = asyncio.run(explain(
         settings, index, args.target, peer=peer, forwarded=args.forwarded, method=args.method,
         check=not args.no_check,

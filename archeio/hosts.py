@@ -69,7 +69,10 @@ def setting_targets(settings: Settings) -> Iterator[tuple[str, str]]:
            "UPSTREAM_REGISTRY_ENDPOINT: manifests, tags and referrers; blobs for Google Cloud clients "
            "and blobs no mirror holds")
     if settings.signature_upstream_endpoint:
-        yield settings.signature_upstream_endpoint, "SIGNATURE_UPSTREAM_ENDPOINT: signatures, attestations, referrers"
+        reason = "SIGNATURE_UPSTREAM_ENDPOINT: signatures, attestations, referrers"
+        if settings.signature_fallback:
+            reason += "; manifests and blobs by digest the upstream lacks (the signature fallback)"
+        yield settings.signature_upstream_endpoint, reason
     yield (settings.default_aws_base_url,
            "DEFAULT_AWS_BASE_URL: blobs for clients with no mirror of their own region")
     source = str(settings.mirrors_file) if settings.mirrors_file else "the built-in table"

@@ -17,8 +17,9 @@ sends its snapshot to the supervisor once a second (workers.py) and the
 supervisor renders all of them summed. One rendering path serves both, so
 single- and multi-process metrics cannot drift apart.
 
-Counters are summed over workers; per-worker facts that must not be summed
-(range data, memory, CPU) carry a `worker` label.
+Counters and histograms are summed over workers; per-process facts that
+must not be summed (range data, and the standard `process_*` metrics of
+each worker and of the supervisor) carry a `worker` label.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ from __future__ import annotations
 import datetime
 import os
 import resource
+import sys
 import time
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
+
+from . import __version__
 
 Snapshot = dict[str, Any]
 
@@ -38,6 +43,18 @@ Snapshot = dict[str, Any]
 # and the default deadline is 1 s.
 CHECK_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# Upper bounds (seconds) of the public port's answer latency histogram. A
+# redirect decided from memory is handed over some microseconds after its
+# bytes were read (tens under load); one that waits for an existence check
+# takes a HEAD's time, a few ms to the head timeout (1 s by default), and
+# shutdown's grace bounds the rest.
+REQUEST_BUCKETS: tuple[float, ...] = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+# A latency row: a count per bucket of REQUEST_BUCKETS, the +Inf bucket, then the sum of seconds.
+REQUEST_ROW = len(REQUEST_BUCKETS) + 2
+
 # The outcome of a check that shared another's HEAD: no HEAD of its own.
 _COALESCED = "coalesced"
 
@@ -45,27 +62,99 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class CheckLatency:
-    """The histogram of existence HEAD durations, by outcome."""
+    """The histogram of existence HEAD durations, by mirror and outcome."""
 
     def __init__(self) -> None:
-        # outcome -> counts per bucket (the last one is +Inf), and sum of seconds.
-        self.buckets: dict[str, list[int]] = {}
-        self.seconds: dict[str, float] = {}
+        # (mirror, outcome) -> counts per bucket (the last but one is +Inf), then the sum of seconds.
+        self.rows: dict[tuple[str, str], list[Any]] = {}
 
     def on_check(self, mirror: str, outcome: str, seconds: float) -> None:
         """BlobExistenceCache's hook, once per check that needed the mirror."""
         if outcome == _COALESCED:
             return  # a shared wait, not a HEAD of its own
-        buckets = self.buckets.get(outcome)
-        if buckets is None:
-            buckets = self.buckets[outcome] = [0] * (len(CHECK_BUCKETS) + 1)
-        for i, bound in enumerate(CHECK_BUCKETS):
-            if seconds <= bound:
-                buckets[i] += 1
-                break
-        else:
-            buckets[-1] += 1
-        self.seconds[outcome] = self.seconds.get(outcome, 0.0) + seconds
+        row = self.rows.get((mirror, outcome))
+        if row is None:
+            row = self.rows[mirror, outcome] = [0] * (len(CHECK_BUCKETS) + 2)
+        row[bisect_left(CHECK_BUCKETS, seconds)] += 1  # the first bound >= seconds
+        row[-1] += seconds
+
+    def snapshot(self) -> list[list[Any]]:
+        """[[mirror, outcome, [bucket counts..., +Inf], sum]]: JSON for the supervisor."""
+        return [[mirror, outcome, row[:-1], row[-1]] for (mirror, outcome), row in self.rows.items()]
+
+
+# A counting key of the public port's answers: (route kind, decision, status).
+AnswerKey = tuple[str, str, int]
+
+
+class RequestLatency:
+    """The public port's answers, counted with their latencies, by counting key.
+
+    This is the count behind `archeio_requests_total` as well as the
+    histogram behind `archeio_request_duration_seconds`: an answer is
+    counted when its latency is, once the engine has handed it to the
+    transport. On the hot path that is one append: the flow names the
+    answer's list (`answers(key)`, its `last_answer`), the engine appends
+    the seconds the answer took (how they are measured is the engines' to
+    say: docs/operations.md). `fold`, once a second and before every read,
+    turns the lists into counts per bucket and sums: each list is sorted
+    (floats compare cheaply in C) and cut at the bucket bounds, so the lists
+    hold at most about a second of answers.
+    """
+
+    def __init__(self) -> None:
+        # key -> latencies (seconds) appended since the last fold (lists are cleared, never replaced).
+        self.pending: dict[AnswerKey, list[float]] = {}
+        # Where an engine appends for an answer already counted: emptied, never counted.
+        self.discard: list[float] = []
+        # key -> REQUEST_ROW numbers: counts per bucket, +Inf, then the sum of seconds.
+        self.rows: dict[AnswerKey, list[Any]] = {}
+
+    def answers(self, key: AnswerKey) -> list[float]:
+        """The list an answer with this key appends its latency to."""
+        found = self.pending.get(key)
+        if found is None:
+            found = self.pending[key] = []
+        return found
+
+    def observe(self, key: AnswerKey, seconds: float) -> None:
+        self.answers(key).append(seconds)
+
+    def fold(self) -> None:
+        """Count what was appended since the last fold."""
+        self.discard.clear()
+        for key, latencies in self.pending.items():
+            if not latencies:
+                continue
+            row = self.rows.get(key)
+            if row is None:
+                row = self.rows[key] = [0] * REQUEST_ROW
+            latencies.sort()
+            below = 0
+            for i, bound in enumerate(REQUEST_BUCKETS):
+                upto = bisect_right(latencies, bound)  # latencies <= bound
+                row[i] += upto - below
+                below = upto
+            row[len(REQUEST_BUCKETS)] += len(latencies) - below
+            row[-1] += sum(latencies)
+            latencies.clear()
+
+    def counts(self) -> dict[AnswerKey, int]:
+        """Answers counted so far, by key."""
+        self.fold()
+        return {key: sum(row[:-1]) for key, row in self.rows.items()}
+
+    def snapshot(self) -> list[list[Any]]:
+        """[[kind, status class, [bucket counts..., +Inf], sum]], summed by kind and class."""
+        self.fold()
+        summed: dict[tuple[str, str], list[Any]] = {}
+        for (kind, _decision, status), row in self.rows.items():
+            into = summed.get((kind, f"{status // 100}xx"))
+            if into is None:
+                into = summed[kind, f"{status // 100}xx"] = [0] * REQUEST_ROW
+            for i, n in enumerate(row):
+                into[i] += n
+        return [[kind, status_class, row[:-1], row[-1]] for (kind, status_class), row in summed.items()]
 
 
 def published_timestamp(serial: str) -> float | None:
@@ -84,12 +173,55 @@ def published_timestamp(serial: str) -> float | None:
     return None
 
 
-def resident_bytes() -> int:
+def _memory_bytes() -> tuple[int, int]:
+    """(resident, virtual) bytes of this process."""
     try:
         with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            size, resident = statm.read().split()[:2]
+        return int(resident) * _PAGE_SIZE, int(size) * _PAGE_SIZE
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 0
+
+
+def _start_time() -> float:
+    """When this process started (seconds since the epoch): /proc's boot time plus its start tick."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            # The fields after the command's closing parenthesis; starttime is the 22nd field.
+            ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()  # without /proc: the moment this module was imported
+
+
+_STARTED = _start_time()
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def process_facts() -> dict[str, float]:
+    """The standard `process_*` figures of this process (the Prometheus client libraries' names)."""
+    resident, virtual = _memory_bytes()
+    return {
+        "resident_memory_bytes": resident,
+        "virtual_memory_bytes": virtual,
+        "cpu_seconds": time.process_time(),
+        "open_fds": _open_fds(),
+        "max_fds": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "start_time_seconds": _STARTED,
+    }
+
+
+def build_info(engine: str) -> dict[str, str]:
+    """The labels of `archeio_build_info`."""
+    return {"version": __version__, "python": ".".join(map(str, sys.version_info[:3])), "engine": engine}
 
 
 class Exporter:
@@ -108,8 +240,7 @@ class Exporter:
             "worker": self.worker,
             "pid": os.getpid(),
             "time": time.time(),
-            "rss_bytes": resident_bytes(),
-            "cpu_seconds": time.process_time(),
+            "process": process_facts(),
         }
         for name, part in self._parts.items():
             snap[name] = part()
@@ -118,7 +249,7 @@ class Exporter:
 
 # Parts of a snapshot that only count up; a retired (dead) worker keeps these.
 _COUNTER_PARTS = (
-    "requests", "blob_decisions", "checks", "check_buckets", "check_seconds", "reloads", "connections_closed",
+    "requests", "latency", "blob_decisions", "checks", "check_latency", "reloads", "connections_closed",
     "rate_forgotten",
 )
 
@@ -165,11 +296,13 @@ class Family:
     def add(self, values: Iterable[object], value: float) -> None:
         self.samples.append((self.name, tuple(zip(self.labels, values, strict=True)), value))
 
-    def add_histogram(self, values: Iterable[object], counts: list[int], total: float) -> None:
-        """Cumulative buckets from per-bucket `counts` over CHECK_BUCKETS and +Inf."""
+    def add_histogram(
+        self, values: Iterable[object], counts: list[int], total: float, bounds: tuple[float, ...] = CHECK_BUCKETS,
+    ) -> None:
+        """Cumulative buckets from per-bucket `counts` over `bounds` and +Inf."""
         labels = tuple(zip(self.labels, values, strict=True))
         running = 0
-        for bound, count in zip((*CHECK_BUCKETS, float("inf")), counts, strict=True):
+        for bound, count in zip((*bounds, float("inf")), counts, strict=True):
             running += count
             self.samples.append((self.name + "_bucket", (("le", _number(bound)), *labels), running))
         self.samples.append((self.name + "_count", labels, running))
@@ -207,6 +340,19 @@ def _sum_maps(snaps: list[Snapshot], key: str) -> Counter[Any]:
     return total
 
 
+def _sum_histograms(snaps: list[Snapshot], key: str) -> dict[tuple[Any, ...], tuple[list[int], float]]:
+    """Rows of [*labels, bucket counts, sum] summed by their labels."""
+    total: dict[tuple[Any, ...], tuple[list[int], float]] = {}
+    for snap in snaps:
+        for *labels, counts, seconds in snap.get(key, ()):
+            before = total.get(tuple(labels))
+            if before is None:
+                total[tuple(labels)] = (list(counts), seconds)
+            else:
+                total[tuple(labels)] = ([a + b for a, b in zip(before[0], counts, strict=True)], before[1] + seconds)
+    return total
+
+
 def collect(source: MetricsSource) -> Iterator[Family]:
     """Every metric family, from the source's snapshots."""
     snaps = source.snapshots()
@@ -227,6 +373,14 @@ def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     for (kind, decision, status), count in sorted(_sum_rows(snaps, "requests").items()):
         requests.add((kind, decision, status), count)
     yield requests
+    latency = Family(
+        "archeio_request_duration_seconds", "histogram", "Time from the start of the read that completed a "
+        "request to its answer's hand-over to the transport, by route kind and status class.",
+        ("kind", "status_class"),
+    )
+    for (kind, status_class), (counts, seconds) in sorted(_sum_histograms(snaps, "latency").items()):
+        latency.add_histogram((kind, status_class), counts, seconds, REQUEST_BUCKETS)
+    yield latency
     blobs = Family(
         "archeio_blob_decisions", "counter", "Blob redirects by the client's cloud and region "
         "('none': in no provider's range) and where they went.",
@@ -237,7 +391,8 @@ def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
     yield blobs
     per_worker = Family("archeio_worker_requests", "counter", "Answers given by each worker process.", ("worker",))
     for snap in live:
-        per_worker.add((snap["worker"],), sum(row[-1] for row in snap.get("requests", ())))
+        if "requests" in snap:  # a serving process (the supervisor's own snapshot has none)
+            per_worker.add((snap["worker"],), sum(row[-1] for row in snap["requests"]))
     yield per_worker
     gauges = _sum_maps(live, "connections")
     connections = Family(
@@ -283,38 +438,35 @@ def _rate_limit(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]
 
 
 def _existence(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
-    buckets: dict[str, list[int]] = {}
-    for snap in snaps:
-        for outcome, counts in snap.get("check_buckets", {}).items():
-            into = buckets.setdefault(outcome, [0] * len(counts))
-            for i, n in enumerate(counts):
-                into[i] += n
     checks = Family(
-        "archeio_existence_checks", "counter", "Blob existence answers that needed the mirror, by "
-        "outcome (hit, miss, error, timeout: a HEAD; coalesced: shared another's HEAD; "
-        "over_capacity, breaker_open: none sent).",
-        ("outcome",),
+        "archeio_existence_checks", "counter", "Existence answers that needed a HEAD, by mirror (its base "
+        "URL, or with the signature fallback the regional upstream's) and outcome (hit; miss: 404; forbidden: "
+        "403, taken as not there like a miss; error, timeout: a HEAD that failed; coalesced: shared another's "
+        "HEAD; over_capacity, breaker_open: none sent).",
+        ("mirror", "outcome"),
     )
-    for outcome, count in sorted(_sum_maps(snaps, "checks").items()):
-        checks.add((outcome,), count)
+    for (mirror, outcome), count in sorted(_sum_rows(snaps, "checks").items()):
+        checks.add((mirror, outcome), count)
     yield checks
     latency = Family(
-        "archeio_existence_check_seconds", "histogram", "Duration of existence HEADs to mirrors, by outcome.",
-        ("outcome",),
+        "archeio_existence_check_seconds", "histogram", "Duration of existence HEADs to mirrors (and the "
+        "regional upstream), by mirror and outcome.",
+        ("mirror", "outcome"),
     )
-    seconds = _sum_maps(snaps, "check_seconds")
-    for outcome, counts in sorted(buckets.items()):
-        latency.add_histogram((outcome,), counts, seconds[outcome])
+    for (mirror, outcome), (counts, seconds) in sorted(_sum_histograms(snaps, "check_latency").items()):
+        latency.add_histogram((mirror, outcome), counts, seconds)
     yield latency
     sizes = Family(
-        "archeio_existence_cache_entries", "gauge", "Entries in the existence caches, all workers.", ("cache",)
+        "archeio_existence_cache_entries", "gauge", "Entries in the existence caches, all workers, by "
+        "mirror and cache (hits; misses: misses and failed checks).",
+        ("mirror", "cache"),
     )
-    for cache, count in sorted(_sum_maps(live, "cache").items()):
-        sizes.add((cache,), count)
+    for (mirror, cache), count in sorted(_sum_rows(live, "cache").items()):
+        sizes.add((mirror, cache), count)
     yield sizes
     breakers = Family(
-        "archeio_mirror_breaker_state", "gauge", "Workers whose circuit breaker for the mirror is in "
-        "the state (closed, open, half_open); mirrors appear once checked.",
+        "archeio_mirror_breaker_state", "gauge", "Workers whose circuit breaker for the mirror (or the "
+        "regional upstream, by its URL) is in the state (closed, open, half_open); each appears once checked.",
         ("mirror", "state"),
     )
     states: Counter[tuple[str, str]] = Counter()
@@ -372,9 +524,35 @@ def _processes(source: MetricsSource, live: list[Snapshot]) -> Iterator[Family]:
     restarts = Family("archeio_worker_restarts", "counter", "Worker processes restarted after exiting unexpectedly.")
     restarts.add((), counts["restarts"])
     yield restarts
-    memory = Family("archeio_worker_resident_memory_bytes", "gauge", "Resident memory of each worker.", ("worker",))
-    cpu = Family("archeio_worker_cpu_seconds", "counter", "CPU time used by each worker.", ("worker",))
-    for snap in live:
-        memory.add((snap["worker"],), snap.get("rss_bytes", 0))
-        cpu.add((snap["worker"],), snap.get("cpu_seconds", 0.0))
-    yield from (memory, cpu)
+    builds = Family("archeio_build_info", "gauge", "The running version, Python and HTTP engine (value 1).",
+                    ("version", "python", "engine"))
+    for version, python, engine in sorted({
+        (b["version"], b["python"], b["engine"]) for b in (snap.get("build") for snap in live) if b
+    }):
+        builds.add((version, python, engine), 1)
+    yield builds
+    yield from _process_families(live)
+
+
+# The standard process metrics, as Prometheus client libraries name them:
+# (snapshot key, metric, type, help).
+_PROCESS = (
+    ("cpu_seconds", "process_cpu_seconds", "counter", "CPU time the process has used, user and system, in seconds."),
+    ("resident_memory_bytes", "process_resident_memory_bytes", "gauge", "The process's resident memory in bytes."),
+    ("virtual_memory_bytes", "process_virtual_memory_bytes", "gauge", "The process's virtual memory in bytes."),
+    ("open_fds", "process_open_fds", "gauge", "File descriptors the process holds open."),
+    ("max_fds", "process_max_fds", "gauge", "The most file descriptors the process may open (its soft limit)."),
+    ("start_time_seconds", "process_start_time_seconds", "gauge",
+     "When the process started, in seconds since the Unix epoch."),
+)
+
+
+def _process_families(live: list[Snapshot]) -> Iterator[Family]:
+    """One series per process: each worker, and the supervisor (`worker="supervisor"`) if there is one."""
+    for key, name, kind, text in _PROCESS:
+        family = Family(name, kind, text, ("worker",))
+        for snap in live:
+            facts = snap.get("process")
+            if facts:
+                family.add((snap["worker"],), facts[key])
+        yield family

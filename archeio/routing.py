@@ -17,6 +17,12 @@ malformed name or digest, 404 `MANIFEST_UNKNOWN` for a manifest reference
 that is neither a tag nor a digest (no such manifest can exist). The whole
 table, with the spec's words, is in docs/request-handling.md.
 
+With the signature fallback on (`Settings.signature_fallback`, and the
+flow's router made with `fallback`), a manifest by a checkable digest is a
+`DigestRoute`: its answer depends on whether the
+regional upstream holds it (app.py's `FallbackFlow`), and `fallback_location`
+gives the same path on the signature upstream.
+
 Names that already start with the upstream path (`<prefix>/<name>`) go to
 that same path instead of being prefixed twice: registries page tag lists
 and referrers with a `Link` to `/v2/<prefix>/<name>/...`, and clients send
@@ -27,7 +33,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
 from iprange import GCP, Placement
@@ -84,6 +91,8 @@ OTHER = "other"
 MIRROR = "mirror"
 UPSTREAM = "upstream"
 SIGNATURE_UPSTREAM = "signature_upstream"
+# Content by digest the regional upstream lacks, sent to the signature upstream.
+SIGNATURE_FALLBACK = "signature_fallback"
 LOCAL = "local"
 
 
@@ -114,12 +123,14 @@ class Route(NamedTuple):
     """A well-formed registry request, to be redirected.
 
     `rest` is the path after `/v2/`, validated and safe to put in a URL;
-    `digest` is set only for blob requests whose digest we can check.
+    `digest` is set only for blob requests whose digest we can check (and,
+    with the signature fallback, for manifests by such a digest: `DigestRoute`).
     `upstream` is the redirect target without the query, on `backend`.
     The rest is made once per route, because the router remembers routes
     by path and popular paths repeat: `plain` is the decision for a request
     without a query, `counted` the (kind, backend, status) key of its
-    metric.
+    metric, and `answers` what the request flow counts it by (given by the
+    flow: the router only hands it on, app.py).
     """
 
     kind: str
@@ -129,6 +140,19 @@ class Route(NamedTuple):
     backend: str
     plain: Decision
     counted: tuple[str, str, int]
+    answers: Any = None
+
+
+class DigestRoute(Route):
+    """A manifest by a checkable digest, with the signature fallback on.
+
+    Its answer depends on whether the regional upstream holds it. A type of
+    its own: the flow already tests whether a route is a plain `Route`, and
+    that one test sends this one to its check (app.py's `FallbackFlow`), so
+    no other request pays for the feature.
+    """
+
+    __slots__ = ()
 
 
 def oci_error(status: int, code: str, message: str) -> LocalAnswer:
@@ -193,8 +217,14 @@ def decode_path(raw: str) -> str | None:
 class Router:
     """Classifies requests and decides redirects for one configuration."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, answers: Callable[[tuple[str, str, int]], Any] | None = None,
+        fallback: bool = False,
+    ) -> None:
+        """`answers(key)`: what routes of that counting key carry as `answers` (None without it);
+        `fallback`: manifests by a checkable digest are `DigestRoute`s (the flow's choice: app.py)."""
         self.settings = settings
+        self._answers = answers
         path = settings.upstream_registry_path
         # `<path>/`: a name starting with it is already an upstream name.
         self._path_prefix = path + "/" if path else ""
@@ -203,6 +233,8 @@ class Router:
         signature = settings.signature_upstream_endpoint
         self._signature_root = signature + "/v2/" if signature else self._upstream_root
         self._signature_prefix = self._signature_root + self._path_prefix
+        self._fallback = fallback
+        self._upstream_length = len(settings.upstream_registry_endpoint)
         self._known: dict[str, LocalAnswer | Route] = {}
         # mirror -> digest -> the decision to send that blob there.
         self._to_mirror: dict[str, dict[str, Decision]] = {}
@@ -262,6 +294,8 @@ class Router:
         if kind == "manifests":
             if _SIGNATURE_TAG_RE.fullmatch(ref):
                 return self._route(SIGNATURE, rest, match["name"])
+            if checkable and self._fallback:
+                return self._route(MANIFEST, rest, match["name"], ref)
             if checkable or _TAG_RE.fullmatch(ref) or _DIGEST_RE.fullmatch(ref):
                 return self._route(MANIFEST, rest, match["name"])
             return MANIFEST_UNKNOWN
@@ -286,7 +320,10 @@ class Router:
             root = self._signature_prefix if signature else self._upstream_prefix
         backend = SIGNATURE_UPSTREAM if signature else UPSTREAM
         upstream = root + rest
-        return Route(kind, rest, digest, upstream, backend, Decision(upstream, backend), (kind, backend, 307))
+        key = (kind, backend, 307)
+        made = DigestRoute if kind == MANIFEST and digest else Route
+        return made(kind, rest, digest, upstream, backend, Decision(upstream, backend), key,
+                    self._answers(key) if self._answers is not None else None)
 
     @staticmethod
     def upstream_location(route: Route, query: str) -> Decision:
@@ -294,6 +331,14 @@ class Router:
         if query:
             return Decision(route.upstream + "?" + clean_query(query), route.backend)
         return route.plain
+
+    def fallback_location(self, route: Route, query: str) -> Decision:
+        """The redirect of content by digest the regional upstream lacks: the same path, query
+        and all, on the signature upstream (which holds everything)."""
+        location = self.settings.signature_upstream_endpoint + route.upstream[self._upstream_length:]
+        if query:
+            location += "?" + clean_query(query)
+        return Decision(location, SIGNATURE_FALLBACK)
 
     def mirror_for(self, placement: Placement | None) -> str | None:
         """The mirror a client's blobs should come from; None: go upstream.

@@ -28,11 +28,11 @@ from iprange import RangeFileError, describe, load_index
 
 from . import signals
 from .admin import start_admin
-from .app import RequestFlow
+from .app import RequestFlow, make_flow
 from .config import Settings
 from .existence import BlobExistenceCache, warm_client
 from .http import Engine, make_engine
-from .metrics import CheckLatency, Exporter, Snapshot, published_timestamp
+from .metrics import CheckLatency, Exporter, Snapshot, build_info, published_timestamp
 from .providers import expected_providers, missing_providers, required_providers, with_prefixes
 from .reload import RangeReloader
 from .sockets import bind
@@ -102,7 +102,7 @@ class Server:
         latency = CheckLatency()
         cache = BlobExistenceCache.from_settings(settings, latency.on_check)
         await cache.start()
-        self.flow = flow = RequestFlow(settings, index, cache)
+        self.flow = flow = make_flow(settings, index, cache)
         self.engine = engine = make_engine(settings.http, flow, settings, loop)
         reloads: Counter[tuple[str, str]] = Counter()
         self.reloader = reloader = RangeReloader(
@@ -171,14 +171,15 @@ class Server:
     ) -> None:
         """Hand every component's numbers to the exporter, as plain data."""
         provide = self.exporter.provide
+        provide("build", lambda: build_info(engine.name))
         provide("requests", flow.request_rows)
+        provide("latency", flow.latency.snapshot)
         provide("blob_decisions", flow.blob_rows)
         provide("connections", engine.tracker.gauges)
         provide("connections_closed", lambda: dict(engine.tracker.closed))
-        provide("checks", lambda: dict(cache.outcomes))
-        provide("check_buckets", lambda: latency.buckets)
-        provide("check_seconds", lambda: dict(latency.seconds))
-        provide("cache", lambda: cache.sizes)
+        provide("checks", lambda: [[m, o, n] for (m, o), n in cache.outcomes.items()])
+        provide("check_latency", latency.snapshot)
+        provide("cache", cache.size_rows)
         provide("breakers", lambda: {mirror: b.state for mirror, b in cache.breakers.items()})
         provide("reloads", lambda: [[c, o, n] for (c, o), n in reloads.items()])
         limiter = flow.limiter
@@ -205,6 +206,8 @@ class Server:
         while True:
             await asyncio.sleep(1.0)
             engine.tick()
+            if self.flow is not None:
+                self.flow.latency.fold()  # the latencies of the last second: the lists stay short
             self._report()
 
 

@@ -56,7 +56,7 @@ from iprange import RangeFileError
 from . import signals
 from .admin import start_admin
 from .config import Settings
-from .metrics import Snapshot, retire
+from .metrics import Snapshot, build_info, process_facts, retire
 from .providers import files_present, missing_providers
 from .sockets import bind
 
@@ -154,7 +154,9 @@ class Supervisor:
 
     def snapshots(self) -> list[Snapshot]:
         live = [s.snapshot for s in self.slots if s.running and s.snapshot is not None]
-        return live + self.retired
+        # The supervisor's own process, beside its workers (`process_*{worker="supervisor"}`).
+        own = {"worker": "supervisor", "process": process_facts(), "build": build_info(self.settings.http)}
+        return [*live, own, *self.retired]
 
     def readiness(self) -> tuple[bool, str]:
         """Ready once every worker has started; then while at least one is ready."""

@@ -244,6 +244,8 @@ def measure_engine(engine: str, rig: Rig, tmp: Path, args: argparse.Namespace,
     """One `archeio serve` under callgrind: every path in every mode; and its idle rate."""
     port = free_port()
     env = {**rig.env, **engine_settings(engine), "PYTHONHASHSEED": str(args.hash_seed)}
+    if args.signature_upstream:
+        env["SIGNATURE_UPSTREAM_ENDPOINT"] = args.signature_upstream
     log(f"{engine}: starting archeio serve under callgrind (a minute or so)")
     rows = []
     with start_archeio(env, port, log=tmp / f"archeio-{engine}.log", tree=args.tree,
@@ -284,7 +286,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {machine_line(result['machine'])}.  ",
         f"Code: {result['tree'] or 'this checkout'}. {result['valgrind']} (callgrind), PYTHONHASHSEED="
-        f"{result['hash_seed']}. Phases of {result['requests'][0]} and {result['requests'][1]} requests, "
+        f"{result['hash_seed']}, SIGNATURE_UPSTREAM_ENDPOINT "
+        f"{result.get('signature_upstream') or 'unset'}. Phases of {result['requests'][0]} and "
+        f"{result['requests'][1]} requests, "
         f"one at a time, {result['repeats']} pair(s) of phases; the figure is the difference of the "
         "phases' totals over the difference of their requests (median over the pairs).",
         "",
@@ -319,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=2.0,
                         help="how long the idle rate is counted (default 2)")
     parser.add_argument("--hash-seed", type=int, default=0, help="the server's PYTHONHASHSEED (default 0)")
+    parser.add_argument("--signature-upstream", metavar="URL", default="",
+                        help="the server's SIGNATURE_UPSTREAM_ENDPOINT (default unset): the cost of the "
+                             "signature fallback on paths that never need its check")
     add_tree_argument(parser)
     parser.add_argument("--json", action="store_true",
                         help="write results/instructions.{json,md} and a line in instructions-history.csv")
@@ -357,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "machine": info, "valgrind": version, "tree": str(args.tree.resolve()) if args.tree else None,
         "hash_seed": args.hash_seed, "requests": list(args.counts), "repeats": args.repeats,
+        "signature_upstream": args.signature_upstream or None,
         "rows": rows, "idle_instructions_per_second": {k: round(v) for k, v in idle.items()},
     }
     print()

@@ -23,6 +23,7 @@ from .export import CLOUDS, export
 from .index import InvalidAddress
 from .load import describe, load_index
 from .parse import AWS, AZURE, GCP, RangeFileError
+from .pipes import run_quietly
 from .update import DEFAULT_URLS, update
 
 
@@ -103,6 +104,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a reader that leaves (`iprange lookup ... | head`) ends it quietly (pipes.py)."""
+    return run_quietly(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "update":
         return _update(args)

@@ -4,6 +4,12 @@ It serves `HEAD /<prefix>/containers/images/<digest>` with 200 for the
 digests it holds and 404 otherwise; `delay` slows every answer and
 `status` forces one (500, say), so tests can watch caching, coalescing,
 deadlines and failures from the bucket's side.
+
+At its root it also plays a registry for the signature fallback's check:
+`HEAD /v2/<name>/manifests|blobs/<digest>` is 200 when it holds
+`<name>/<digest>` under the prefix `registry` (`add_to_registry`); such
+HEADs are counted under `registry/<name>/<digest>`, and the `Accept` of
+each is kept in `accepts`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ class StandInBucket:
     def __init__(self) -> None:
         self.blobs: set[str] = set()  # "<prefix>/<digest>"
         self.heads: Counter[str] = Counter()
+        self.accepts: dict[str, str | None] = {}
         self.delay = 0.0
         self.status: int | None = None
         self.url = ""
@@ -26,12 +33,21 @@ class StandInBucket:
     def add(self, prefix: str, digest: str) -> None:
         self.blobs.add(f"{prefix}/{digest}")
 
+    def add_to_registry(self, name: str, digest: str) -> None:
+        """Hold `digest` in repository `name` of the registry at the root (`url`)."""
+        self.blobs.add(f"registry/{name}/{digest}")
+
     def base(self, prefix: str) -> str:
         return f"{self.url}/{prefix}"
 
     async def _handle(self, request: web.Request) -> web.Response:
-        prefix, _, digest = request.path.lstrip("/").partition("/containers/images/")
-        key = f"{prefix}/{digest}"
+        if request.path.startswith("/v2/"):
+            name, _kind, digest = request.path.removeprefix("/v2/").rsplit("/", 2)
+            key = f"registry/{name}/{digest}"
+            self.accepts[key] = request.headers.get("Accept")
+        else:
+            prefix, _, digest = request.path.lstrip("/").partition("/containers/images/")
+            key = f"{prefix}/{digest}"
         self.heads[key] += 1
         if self.delay:
             await asyncio.sleep(self.delay)

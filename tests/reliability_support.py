@@ -52,7 +52,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Configured bases. The upstream and signature registries are never
 # contacted by the server (it only redirects there); loopback addresses
-# keep even a mistaken client on this machine.
+# keep even a mistaken client on this machine. `server_env` sets no
+# signature upstream unless asked: with one of its own, the signature
+# fallback would check content by digest at the upstream.
 UPSTREAM = "http://127.0.0.2:5001"
 SIGNATURE_UPSTREAM = "http://127.0.0.3:5002"
 REGISTRY_PATH = "k8s-artifacts-prod/images"
@@ -243,7 +245,6 @@ def server_env(mirror_url: str, default_url: str, tmp: Path, **overrides: str) -
         "ARCHEIO_HOST": "127.0.0.1",
         "UPSTREAM_REGISTRY_ENDPOINT": UPSTREAM,
         "UPSTREAM_REGISTRY_PATH": REGISTRY_PATH,
-        "SIGNATURE_UPSTREAM_ENDPOINT": SIGNATURE_UPSTREAM,
         "DEFAULT_AWS_BASE_URL": default_url,
         "ARCHEIO_MIRRORS_FILE": str(mirrors),
         "ARCHEIO_LOG_LEVEL": "info",

@@ -128,18 +128,18 @@ async def test_a_pipelined_burst_is_answered_a_bounded_number_per_turn_of_the_lo
     # The server runs in this event loop: count the answers it gives between
     # two turns of the loop while one client's burst is being answered.
     async with server_with_mirror(tmp_path) as (server, _mirror):
-        assert server.flow is not None
-        requests = server.flow.requests
+        flow = server.flow
+        assert flow is not None
         client = await AsyncClient.connect(port_of(server))
         count = 1200  # about 66 KB: a read or two
         per_turn: list[int] = []
         done = asyncio.Event()
 
         async def count_per_turn() -> None:
-            last = sum(requests.values())
+            last = sum(flow.requests.values())
             while not done.is_set():
                 await asyncio.sleep(0)
-                now = sum(requests.values())
+                now = sum(flow.requests.values())
                 per_turn.append(now - last)
                 last = now
 

@@ -230,3 +230,75 @@ def test_the_built_in_mirror_table_passes_a_mirrors_files_checks() -> None:
     table = builtin_mirrors()
     assert parse_mirrors(as_toml) == table
     assert len(table.by_cloud["AWS"]) == 36  # upstream's table at 093d55a
+
+
+# -- a reader that goes away (`archeio settings | head`) --------------------------------
+
+_BIN = Path(sys.executable).parent
+
+
+def _quiet_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHEIO_", "UPSTREAM_"))}
+    env["ARCHEIO_RANGES_DIR"] = ""  # the embedded data
+    return env
+
+
+# (command line, exit status once its reader is gone): every entry point,
+# the console scripts and `python -m`. argparse's help swallows the error
+# itself and exits 0; our commands exit as if killed by SIGPIPE (141).
+PIPED = [
+    ([str(_BIN / "archeio"), "settings"], 141),
+    ([sys.executable, "-m", "archeio", "settings"], 141),
+    ([str(_BIN / "archeio"), "explain", "--no-check", "pause:3.9"], 141),
+    ([str(_BIN / "archeio"), "explain", "--json", "--no-check", "--forwarded", f"{AWS_EU_WEST_3}, 130.211.0.1",
+      f"/v2/pause/blobs/{DIGEST}"], 141),
+    ([str(_BIN / "archeio"), "--help"], 0),
+    ([str(_BIN / "archeio"), "mirror", "--help"], 0),
+    ([str(_BIN / "archeio"), "serve", "--help"], 0),
+    ([str(_BIN / "iprange"), "info"], 141),
+    ([str(_BIN / "iprange"), "lookup", AWS_EU_WEST_3], 141),
+    ([sys.executable, "-m", "iprange", "lookup", "--json", AWS_EU_WEST_3], 141),
+    ([str(_BIN / "iprange"), "--help"], 0),
+]
+
+
+@pytest.mark.parametrize(("argv", "status"), PIPED, ids=[f"{i}: {' '.join(a[-2:])}" for i, (a, _) in enumerate(PIPED)])
+def test_a_command_whose_reader_is_gone_ends_quietly(argv: list[str], status: int) -> None:
+    # A pipe whose reading end is closed before the command writes: its first write fails.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(argv, stdout=write, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                env=_quiet_env(), timeout=60)
+    finally:
+        os.close(write)
+    assert result.stderr.decode() == ""
+    assert result.returncode == status
+
+
+def test_a_command_whose_reader_leaves_after_one_line_ends_quietly() -> None:
+    # More than a pipe holds (64 KiB): the command is still writing when `head -1` would leave.
+    addresses = [f"10.{n >> 8 & 255}.{n & 255}.1" for n in range(6000)]
+    process = subprocess.Popen([str(_BIN / "iprange"), "lookup", *addresses], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=_quiet_env())
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert process.wait(60) == 141
+    assert first == b"10.0.0.1\t-\t-\n"
+    assert stderr == b""
+
+
+def test_a_broken_network_write_is_not_taken_for_a_reader_gone(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Standard output is fine: a BrokenPipeError from elsewhere is a real error.
+    import iprange.cli
+
+    def broken(_argv: list[str] | None) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(iprange.cli, "_main", broken)
+    with pytest.raises(BrokenPipeError):
+        iprange.cli.main([])

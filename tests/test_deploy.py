@@ -391,14 +391,29 @@ def memory_arithmetic() -> dict[str, int]:
     text = BASE_DEPLOYMENT.read_text()
     figures = {
         "bytes_per_entry": r"bytes per cache entry: (\d+)",
+        "fallback_bytes_per_entry": r"bytes per cache entry with the signature fallback: (\d+)",
         "idle_worker_mb": r"idle worker MB: (\d+)",
         "supervisor_mb": r"supervisor MB: (\d+)",
         "stated_need_mb": r"= (\d+) MB\s*$",
+        "stated_fallback_need_mb": r"need with the signature fallback .*\n#\s+= .*= (\d+) MB\s*$",
     }
     found = {name: re.search(pattern, text, re.M) for name, pattern in figures.items()}
     missing = [name for name, match in found.items() if match is None]
     assert not missing, f"base/deployment.yaml's memory arithmetic lacks {missing}"
     return {name: int(match.group(1)) for name, match in found.items() if match}
+
+
+def memory_need(figures: dict[str, int], env: dict[str, str], bytes_per_entry: int) -> int:
+    """Bytes the comment's formula gives for this environment and this cost of a cache entry."""
+    workers, cache_size = int(env["ARCHEIO_WORKERS"]), int(env["ARCHEIO_CACHE_SIZE"])
+    per_worker = figures["idle_worker_mb"] * 10**6 + 2 * cache_size * bytes_per_entry
+    return workers * per_worker + figures["supervisor_mb"] * 10**6
+
+
+def signature_fallback(env: dict[str, str]) -> bool:
+    """Does this environment turn the signature fallback on (archeio.config's rule)?"""
+    registries = {k: env[k] for k in ("UPSTREAM_REGISTRY_ENDPOINT", "SIGNATURE_UPSTREAM_ENDPOINT") if k in env}
+    return load_settings(env=registries).signature_fallback
 
 
 def test_memory_request_covers_every_workers_idle_size_and_full_caches(
@@ -407,13 +422,25 @@ def test_memory_request_covers_every_workers_idle_size_and_full_caches(
     figures = memory_arithmetic()
     server = server_of(rendered)
     env = env_of(server)
-    workers, cache_size = int(env["ARCHEIO_WORKERS"]), int(env["ARCHEIO_CACHE_SIZE"])
-    per_worker = figures["idle_worker_mb"] * 10**6 + 2 * cache_size * figures["bytes_per_entry"]
-    need = workers * per_worker + figures["supervisor_mb"] * 10**6
+    need = memory_need(figures, env, figures["bytes_per_entry"])
     assert round(need / 10**6) == figures["stated_need_mb"], "the comment's total does not follow from its figures"
+    if signature_fallback(env):  # entries keyed by repository: the larger figure applies
+        need = memory_need(figures, env, figures["fallback_bytes_per_entry"])
     requests, limits = server["resources"]["requests"], server["resources"]["limits"]
     assert memory_bytes(requests["memory"]) >= need
     assert memory_bytes(limits["memory"]) >= memory_bytes(requests["memory"])
+
+
+def test_memory_need_with_the_signature_fallback_follows_from_its_figures(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    figures = memory_arithmetic()
+    assert figures["fallback_bytes_per_entry"] >= figures["bytes_per_entry"]
+    need = memory_need(figures, env_of(server_of(rendered)), figures["fallback_bytes_per_entry"])
+    assert round(need / 10**6) == figures["stated_fallback_need_mb"]
+    # What the comment tells an operator who turns it on must cover it.
+    advice = re.search(r"raise the request to (\d+Mi) and the limit to (\d+Mi)", BASE_DEPLOYMENT.read_text())
+    assert advice is not None and memory_bytes(advice[1]) >= need and memory_bytes(advice[2]) >= memory_bytes(advice[1])
 
 
 def test_readiness_probe_tolerates_a_slow_or_missed_answer(rendered: dict[str, list[dict[str, Any]]]) -> None:

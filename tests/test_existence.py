@@ -1,7 +1,9 @@
 """The existence cache and circuit breaker as units: TTLs, bounds, coalescing, breaker states.
 
-The bucket is the real local stand-in server (tests/bucket.py); the HTTP
-path through the public port is covered in tests/test_server.py.
+The bucket is the real local stand-in server (tests/bucket.py), which also
+plays the regional upstream registry for the signature fallback's check;
+the HTTP path through the public port is covered in tests/test_server.py
+and tests/test_signature_fallback.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ import pytest
 from archeio.existence import CLOSED, HALF_OPEN, OPEN, BlobExistenceCache, CircuitBreaker
 
 D = "sha256:" + "d" * 64
+# The signature fallback's checks: content by digest in a repository of the regional upstream.
+MANIFEST_KEY = "pause/manifests/" + D
+OTHER_KEY = "other/manifests/" + D
+
+
+def registry_url(bucket: Any, key: str) -> str:
+    return f"{bucket.url}/v2/{key}"
 
 
 def make(**overrides: Any) -> BlobExistenceCache:
@@ -132,22 +141,33 @@ async def test_checks_beyond_the_cap_are_not_queued(bucket: Any) -> None:
         mirror = bucket.base("m")
         results = await asyncio.gather(*(cache.check(mirror, f"sha256:{i:064x}") for i in range(6)))
         assert results == [False] * 6
-        assert cache.outcomes["over_capacity"] == 4
+        assert cache.count("over_capacity") == 4
         assert sum(bucket.heads.values()) == 2
     finally:
         await cache.close()
 
 
-async def test_concurrent_checks_of_one_blob_share_a_head(bucket: Any) -> None:
-    bucket.add("m", D)
+@pytest.mark.parametrize("kind", ["mirror", "registry"])
+async def test_concurrent_checks_of_one_key_share_a_head(bucket: Any, kind: str) -> None:
     bucket.delay = 0.2
     cache = make()
-    await cache.start()
+    if kind == "mirror":
+        bucket.add("m", D)
+        key = f"m/{D}"
+
+        def check() -> Any:
+            return cache.check(bucket.base("m"), D)
+    else:  # the signature fallback's check of the regional upstream
+        bucket.add_to_registry("pause", D)
+        key = f"registry/pause/{D}"
+
+        def check() -> Any:
+            return cache.check_registry(bucket.url, MANIFEST_KEY, registry_url(bucket, MANIFEST_KEY))
     try:
-        results = await asyncio.gather(*(cache.check(bucket.base("m"), D) for _ in range(10)))
+        results = await asyncio.gather(*(check() for _ in range(10)))
         assert results == [True] * 10
-        assert bucket.heads[f"m/{D}"] == 1
-        assert cache.outcomes["coalesced"] == 9
+        assert bucket.heads[key] == 1
+        assert cache.count("coalesced") == 9
     finally:
         await cache.close()
 
@@ -198,3 +218,90 @@ def test_expiring_set_holds_at_most_its_capacity() -> None:
         seen.add("m", str(n), 1.0)
         assert len(seen) <= 10
     assert seen.has("m", "999", 1.0) and not seen.has("m", "0", 1.0)
+
+
+# -- the registry check of the signature fallback: content by digest, by repository ---------
+
+async def test_registry_check_is_keyed_by_repository_not_by_digest_alone(bucket: Any) -> None:
+    bucket.add_to_registry("pause", D)
+    cache = make()
+    try:
+        assert await cache.check_registry(bucket.url, MANIFEST_KEY, registry_url(bucket, MANIFEST_KEY)) is True
+        # The same digest in another repository is another question, with its own answer.
+        assert cache.cached(bucket.url, OTHER_KEY) is None
+        assert await cache.check_registry(bucket.url, OTHER_KEY, registry_url(bucket, OTHER_KEY)) is False
+        assert (cache.cached(bucket.url, MANIFEST_KEY), cache.cached(bucket.url, OTHER_KEY)) == (True, False)
+        assert bucket.heads == {f"registry/pause/{D}": 1, f"registry/other/{D}": 1}
+    finally:
+        await cache.close()
+
+
+async def test_registry_check_accepts_every_manifest_and_index_media_type(bucket: Any) -> None:
+    cache = make()
+    try:
+        await cache.check_registry(bucket.url, MANIFEST_KEY, registry_url(bucket, MANIFEST_KEY))
+        accepted = {part.strip() for part in (bucket.accepts[f"registry/pause/{D}"] or "").split(",")}
+        assert accepted == {
+            "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+        }
+    finally:
+        await cache.close()
+
+
+async def test_registry_has_a_breaker_of_its_own(bucket: Any) -> None:
+    bucket.status = 503
+    cache = make(breaker_failures=2, error_ttl=0)
+    try:
+        for key in ("a/manifests/" + D, "b/manifests/" + D):
+            assert await cache.check_registry(bucket.url, key, registry_url(bucket, key)) is False
+        assert cache.breakers[bucket.url].state == OPEN
+        assert bucket.base("m") not in cache.breakers  # the mirrors' breakers are untouched
+        heads = sum(bucket.heads.values())
+        assert cache.cached(bucket.url, "c/manifests/" + D) is False  # open: "not there", no HEAD
+        assert sum(bucket.heads.values()) == heads
+    finally:
+        await cache.close()
+
+
+async def test_registry_checks_count_against_the_same_head_cap(bucket: Any) -> None:
+    bucket.delay = 0.5
+    cache = make(head_concurrency=2)
+    try:
+        keys = [f"r{i}/manifests/{D}" for i in range(3)]
+        results = await asyncio.gather(cache.check(bucket.base("m"), D),
+                                       *(cache.check_registry(bucket.url, k, registry_url(bucket, k)) for k in keys))
+        assert results == [False] * 4 and cache.count("over_capacity") == 2
+    finally:
+        await cache.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "registry", "outcome"),
+    [
+        (200, False, "hit"), (200, True, "hit"),
+        (404, False, "miss"), (404, True, "miss"),
+        (403, False, "forbidden"), (403, True, "forbidden"), (401, True, "miss"),
+        # A registry may answer a blob with a redirect to its storage: it holds it. A bucket's redirect is not it.
+        (307, True, "hit"), (302, True, "hit"), (307, False, "miss"),
+        (500, True, "error"), (503, False, "error"), (429, True, "error"), (429, False, "error"),
+    ],
+)
+def test_head_status_means(status: int, registry: bool, outcome: str) -> None:
+    from archeio.existence import head_outcome
+
+    assert head_outcome(status, registry) == outcome
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_registry_refusal_is_absent_and_does_not_open_the_breaker(bucket: Any, status: int) -> None:
+    bucket.add_to_registry("pause", D)
+    bucket.status = status
+    cache = make(breaker_failures=1)
+    try:
+        assert await cache.check_registry(bucket.url, MANIFEST_KEY, registry_url(bucket, MANIFEST_KEY)) is False
+        assert cache.breakers[bucket.url].state == CLOSED
+        assert cache.cached(bucket.url, MANIFEST_KEY) is False  # remembered as a miss
+    finally:
+        await cache.close()

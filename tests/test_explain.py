@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,50 @@ async def test_no_check_gives_both_possible_answers(settings: Settings, index: C
     result = await explain(settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AWS_EU_WEST_3), check=False)
     assert result.check is None and sum(bucket.heads.values()) == 0
     assert result.if_in_mirror == f"{bucket.base('eu')}/containers/images/{HELD}"
-    assert result.location == UP + f"pause/blobs/{HELD}"
+    assert result.if_not_in_mirror == UP + f"pause/blobs/{HELD}"
+
+
+def test_no_check_json_says_the_answer_is_unknown_beside_both_candidates(
+    settings: Settings, bucket: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ARCHEIO_RANGES_DIR", str(settings.ranges_dir))
+    monkeypatch.setenv("ARCHEIO_MIRRORS_FILE", str(settings.mirrors_file))
+    monkeypatch.setenv("UPSTREAM_REGISTRY_ENDPOINT", "http://upstream.example")
+    args = ["explain", "--json", "--no-check", "--forwarded", lb(AWS_EU_WEST_3), f"/v2/pause/blobs/{HELD}"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    # Without the check nobody knows the answer: it is null, not one of the two guessed.
+    assert (printed["status"], printed["location"], printed["backend"]) == (None, None, None)
+    assert printed["if_in_mirror"] == f"{bucket.base('eu')}/containers/images/{HELD}"
+    assert printed["if_not_in_mirror"] == UP + f"pause/blobs/{HELD}"
+    assert sum(bucket.heads.values()) == 0
+
+
+def test_no_check_human_output_names_both_candidates_and_no_answer(
+    settings: Settings, bucket: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ARCHEIO_RANGES_DIR", str(settings.ranges_dir))
+    monkeypatch.setenv("ARCHEIO_MIRRORS_FILE", str(settings.mirrors_file))
+    assert main(["explain", "--no-check", "--forwarded", lb(AWS_EU_WEST_3), f"/v2/pause/blobs/{HELD}"]) == 0
+    labels = [line.split("  ", 1)[0] for line in capsys.readouterr().out.splitlines()]
+    assert "if in mirror" in labels and "if not in mirror" in labels
+    assert "answer" not in labels
+
+
+@pytest.mark.parametrize(
+    "target", ["docker.io/library/nginx:latest", "gcr.io/x/y:1", "localhost:5000/a:b", "quay.io/pause@" + HELD],
+)
+def test_reference_to_another_registry_is_refused_in_one_line(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", target]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and target in lines[0] and "registry.k8s.io" in lines[0], captured.err
+
+
+def test_reference_to_this_registry_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--json", "registry.k8s.io/pause:3.9"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == "/v2/pause/manifests/3.9"
 
 
 async def test_manifest_does_not_depend_on_the_client(settings: Settings, index: CloudIndex) -> None:
@@ -152,7 +196,7 @@ async def test_manifest_does_not_depend_on_the_client(settings: Settings, index:
         ("pause", "/v2/pause/manifests/latest"),
         ("kubernetes/pause@" + HELD, "/v2/kubernetes/pause/manifests/" + HELD),
         ("registry.k8s.io/pause:3.9", "/v2/pause/manifests/3.9"),
-        ("localhost:5000/a/b:1", "/v2/a/b/manifests/1"),
+        ("REGISTRY.K8S.IO/pause@" + HELD, "/v2/pause/manifests/" + HELD),
         ("/v2/pause/tags/list?n=2", "/v2/pause/tags/list"),
     ],
 )
@@ -213,14 +257,116 @@ CONSISTENCY_CASES = [
 ]
 
 
-async def test_explain_answers_what_the_running_server_answers(
-    settings: Settings, index: CloudIndex, start_server: Any,
+async def assert_explain_agrees_with_the_server(
+    settings: Settings, index: CloudIndex, start_server: Any, cases: list[tuple[str, str | None]],
 ) -> None:
     server = await start_server(settings)
     async with aiohttp.ClientSession() as session:
-        for target, forwarded in CONSISTENCY_CASES:
+        for target, forwarded in cases:
             headers = {"X-Forwarded-For": forwarded} if forwarded else {}
             async with session.get(server.url + target, headers=headers, allow_redirects=False) as response:
                 served = (response.status, response.headers.get("Location"))
             result = await explain(settings, index, target, forwarded=forwarded)
             assert (result.status, result.location) == served, (target, forwarded)
+
+
+async def test_explain_answers_what_the_running_server_answers(
+    settings: Settings, index: CloudIndex, start_server: Any,
+) -> None:
+    await assert_explain_agrees_with_the_server(settings, index, start_server, CONSISTENCY_CASES)
+
+
+# -- the signature fallback: the upstream's check and its outcomes ---------------------------
+
+SIGNATURES = "http://signatures.example"
+
+
+@pytest.fixture
+def fallback_settings(settings: Settings, bucket: Any) -> Settings:
+    """`settings` with a signature upstream of its own; the regional upstream is the bucket's root."""
+    bucket.add_to_registry("k8s-artifacts-prod/images/pause", HELD)
+    return replace(settings, upstream_registry_endpoint=bucket.url, signature_upstream_endpoint=SIGNATURES)
+
+
+def regional(bucket: Any, rest: str) -> str:
+    return f"{bucket.url}/v2/k8s-artifacts-prod/images/{rest}"
+
+
+def signatures(rest: str) -> str:
+    return f"{SIGNATURES}/v2/k8s-artifacts-prod/images/{rest}"
+
+
+async def test_manifest_by_digest_shows_the_upstreams_check(fallback_settings: Settings, index: CloudIndex,
+                                                             bucket: Any) -> None:
+    result = await explain(fallback_settings, index, f"pause@{HELD}")
+    assert result.kind == "manifest" and "signature fallback" in result.verdict
+    assert result.upstream_check is not None and result.upstream_check.outcome == "hit"
+    assert result.upstream_check.url == regional(bucket, f"pause/manifests/{HELD}")
+    assert (result.location, result.backend) == (regional(bucket, f"pause/manifests/{HELD}"), "upstream")
+
+
+async def test_manifest_the_upstream_lacks_shows_the_fallback(fallback_settings: Settings, index: CloudIndex) -> None:
+    result = await explain(fallback_settings, index, f"pause@{MISSING}")
+    assert result.upstream_check is not None and result.upstream_check.outcome == "miss"
+    assert (result.location, result.backend) == (signatures(f"pause/manifests/{MISSING}"), "signature_fallback")
+    rendered = result.render()
+    assert "upstream check  HEAD " in rendered and "404, 401 or 403" in rendered
+    assert any("signature upstream serves it" in note for note in result.notes)
+
+
+async def test_aws_blob_shows_both_checks_in_order(fallback_settings: Settings, index: CloudIndex,
+                                                   bucket: Any) -> None:
+    result = await explain(fallback_settings, index, f"/v2/pause/blobs/{MISSING}", forwarded=lb(AWS_EU_WEST_3))
+    assert result.check is not None and result.check.outcome == "miss"
+    assert result.check.url == f"{bucket.base('eu')}/containers/images/{MISSING}"
+    assert result.upstream_check is not None and result.upstream_check.outcome == "miss"
+    assert result.location == signatures(f"pause/blobs/{MISSING}")
+    lines = [line.split()[0] + " " + line.split()[1] for line in result.render().splitlines()]
+    assert lines.index("check HEAD") < lines.index("upstream check")
+
+
+async def test_blob_in_the_mirror_shows_no_upstream_check(fallback_settings: Settings, index: CloudIndex) -> None:
+    result = await explain(fallback_settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AWS_EU_WEST_3))
+    assert result.check is not None and result.check.outcome == "hit" and result.upstream_check is None
+
+
+async def test_no_check_gives_every_answer_of_the_fallback(fallback_settings: Settings, index: CloudIndex,
+                                                           bucket: Any) -> None:
+    result = await explain(fallback_settings, index, f"/v2/pause/blobs/{HELD}", forwarded=lb(AWS_EU_WEST_3),
+                           check=False)
+    assert sum(bucket.heads.values()) == 0 and result.check is None and result.upstream_check is None
+    assert result.if_in_mirror == f"{bucket.base('eu')}/containers/images/{HELD}"
+    assert result.if_at_upstream == regional(bucket, f"pause/blobs/{HELD}")
+    assert result.if_not_at_upstream == signatures(f"pause/blobs/{HELD}")
+    assert (result.status, result.location, result.backend, result.if_not_in_mirror) == (None, None, None, None)
+    labels = [line.split("  ")[0].strip() for line in result.render().splitlines()]
+    assert labels[-4:-1] == ["if in mirror", "if at upstream", "if not at upstream"]
+    assert "answer" not in labels
+
+
+async def test_no_check_of_a_manifest_by_digest_gives_its_two_answers(fallback_settings: Settings,
+                                                                      index: CloudIndex, bucket: Any) -> None:
+    result = await explain(fallback_settings, index, f"pause@{HELD}", check=False)
+    assert result.if_in_mirror is None
+    assert result.if_at_upstream == regional(bucket, f"pause/manifests/{HELD}")
+    assert result.if_not_at_upstream == signatures(f"pause/manifests/{HELD}")
+    assert result.location is None
+    assert json.loads(json.dumps(result.as_dict()))["if_at_upstream"] == result.if_at_upstream
+
+
+FALLBACK_CONSISTENCY_CASES = [
+    (f"/v2/pause/manifests/{HELD}", None),
+    (f"/v2/pause/manifests/{MISSING}", None),
+    (f"/v2/pause/blobs/{HELD}", lb(AWS_EU_WEST_3)),
+    (f"/v2/pause/blobs/{MISSING}", lb(AWS_EU_WEST_3)),
+    (f"/v2/pause/blobs/{HELD}", lb(GOOGLE_CLOUD)),
+    (f"/v2/pause/blobs/{MISSING}", lb(GOOGLE_CLOUD)),
+    (f"/v2/pause/blobs/{MISSING}", lb(NOBODY)),
+    ("/v2/pause/manifests/3.9", None),
+]
+
+
+async def test_explain_answers_what_the_running_server_answers_with_the_fallback(
+    fallback_settings: Settings, index: CloudIndex, start_server: Any,
+) -> None:
+    await assert_explain_agrees_with_the_server(fallback_settings, index, start_server, FALLBACK_CONSISTENCY_CASES)

@@ -20,7 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from archeio.existence import BREAKER_OPEN, CLOSED, ERROR, HALF_OPEN, OPEN, TIMEOUT, BlobExistenceCache
+from archeio.existence import (
+    BREAKER_OPEN,
+    CLOSED,
+    ERROR,
+    FORBIDDEN,
+    HALF_OPEN,
+    MISS,
+    OPEN,
+    TIMEOUT,
+    BlobExistenceCache,
+)
+from archeio.metrics import render
 from archeio.server import Server
 
 from .reliability_support import (
@@ -125,7 +136,7 @@ async def test_hanging_mirror_blob_answers_arrive_as_upstream_redirects(world: W
     # The mirror never answered, so only the HEAD deadline can have ended
     # these checks; each answer is the correct fallback.
     assert locations == [upstream_location(n) for n in range(20)]
-    assert world.cache.outcomes[TIMEOUT] == 20
+    assert world.cache.count(TIMEOUT) == 20
     assert world.mirror.total_heads == 20
 
 
@@ -134,14 +145,48 @@ async def test_mirror_server_error_sends_blob_upstream(world: World, status: int
     world.mirror.present.add(digest(1))
     world.mirror.mode, world.mirror.status = STATUS, status
     assert await world.blob(1) == upstream_location(1)
-    assert world.cache.outcomes[ERROR] == 1
+    assert world.cache.count(ERROR) == 1
+
+
+async def test_forbidden_answer_sends_blob_upstream_counted_apart_from_a_miss(world: World) -> None:
+    # S3 answers 403 for a key it lacks when the reader may not list the
+    # bucket, and for every key when a policy denies reads.
+    world.mirror.present.add(digest(1))
+    world.mirror.mode, world.mirror.status = STATUS, 403
+    assert await world.blob(1) == upstream_location(1)
+    assert world.cache.outcomes[world.mirror.url, FORBIDDEN] == 1
+    assert world.cache.count(MISS) == 0
+    # Like a miss, it is remembered: no second HEAD within the miss TTL.
+    assert await world.blob(1) == upstream_location(1)
+    assert world.mirror.total_heads == 1
+
+
+async def test_forbidden_answers_do_not_open_the_breaker(world: World) -> None:
+    world.mirror.mode, world.mirror.status = STATUS, 403
+    for n in range(BREAKER_FAILURES * 3):
+        assert await world.blob(n) == upstream_location(n)
+    assert world.breaker_state() == CLOSED
+    assert world.mirror.total_heads == BREAKER_FAILURES * 3  # every blob was still asked about
+
+
+async def test_existence_metrics_name_the_mirror_and_the_forbidden_outcome(world: World) -> None:
+    world.mirror.mode, world.mirror.status = STATUS, 403
+    await world.blob(1)
+    world.mirror.mode = OK
+    await world.blob(2)
+    text = render(world.server).decode()
+    mirror = world.mirror.url
+    assert f'archeio_existence_checks_total{{mirror="{mirror}",outcome="forbidden"}} 1.0' in text
+    assert f'archeio_existence_checks_total{{mirror="{mirror}",outcome="miss"}} 1.0' in text
+    assert f'archeio_existence_check_seconds_count{{mirror="{mirror}",outcome="forbidden"}} 1.0' in text
+    assert f'archeio_existence_cache_entries{{mirror="{mirror}",cache="misses"}} 2.0' in text
 
 
 async def test_resetting_mirror_sends_blob_upstream(world: World) -> None:
     world.mirror.present.add(digest(1))
     world.mirror.mode = RESET
     assert await world.blob(1) == upstream_location(1)
-    assert world.cache.outcomes[ERROR] == 1
+    assert world.cache.count(ERROR) == 1
 
 
 async def test_slow_mirror_within_deadline_is_still_used(tmp_path: Path) -> None:
@@ -155,7 +200,7 @@ async def test_slow_mirror_past_deadline_sends_blob_upstream(world: World) -> No
     world.mirror.present.add(digest(1))
     world.mirror.mode, world.mirror.delay = SLOW, 3600
     assert await world.blob(1) == upstream_location(1)
-    assert world.cache.outcomes[TIMEOUT] == 1
+    assert world.cache.count(TIMEOUT) == 1
 
 
 async def test_breaker_opens_after_repeated_failures_and_stops_heads(
@@ -175,7 +220,7 @@ async def test_breaker_opens_after_repeated_failures_and_stops_heads(
     for n in range(BREAKER_FAILURES, 100):
         assert await world.blob(n) == upstream_location(n)
     assert world.mirror.total_heads == BREAKER_FAILURES
-    assert world.cache.outcomes[BREAKER_OPEN] == 100 - BREAKER_FAILURES
+    assert world.cache.count(BREAKER_OPEN) == 100 - BREAKER_FAILURES
 
 
 async def test_breaker_is_per_mirror(world: World) -> None:

@@ -43,6 +43,11 @@ UP = f"{UPSTREAM}/v2/{REGISTRY_PATH}/"
 SIG_UP = f"{SIGNATURE_UPSTREAM}/v2/{REGISTRY_PATH}/"
 MIRROR = "MIRROR"  # replaced by the fake mirror's URL
 CDN = "CDN"  # replaced by the default mirror's URL
+# The server has a signature upstream of its own, so the signature fallback
+# is on, and nothing listens at the upstream: every check of content by
+# digest there fails, and a failed check sends it to the signature upstream
+# (which holds everything). Blobs no mirror serves and manifests by digest
+# go there; tags, and blobs the mirror holds, never see the check.
 
 
 @dataclass(frozen=True)
@@ -157,14 +162,14 @@ CASES: dict[str, Case] = {
     "xff-garbage-load-balancer-ignored": Case(get(blob(), forwarded(f"{AWS_EU_WEST_3}, garbage")), 307, MIRROR + HELD),
     "xff-aws-client": Case(get(blob(), forwarded(xff(AWS_EU_WEST_3))), 307, MIRROR + HELD),
     "xff-aws-client-blob-missing": Case(get(blob(MISSING), forwarded(xff(AWS_EU_WEST_3))), 307,
-                                        UP + "pause/blobs/" + MISSING),
+                                        SIG_UP + "pause/blobs/" + MISSING),
     "xff-forged-first-entry-ignored": Case(
         get(blob(), forwarded(f"{GOOGLE_CLOUD}, {AWS_EU_WEST_3}, {LOAD_BALANCER}")), 307, MIRROR + HELD
     ),
     "xff-many-entries": Case(get(blob(), forwarded(", ".join(["10.0.0.1"] * 200 + [xff(AWS_EU_WEST_3)]))), 307,
                              MIRROR + HELD),
-    "xff-google-cloud-client-upstream": Case(get(blob(), forwarded(xff(GOOGLE_CLOUD))), 307,
-                                             UP + "pause/blobs/" + HELD),
+    "xff-google-cloud-client-no-mirror": Case(get(blob(), forwarded(xff(GOOGLE_CLOUD))), 307,
+                                              SIG_UP + "pause/blobs/" + HELD),
     "xff-nobody-default-mirror": Case(get(blob(), forwarded(xff(NOBODY))), 307, CDN + HELD),
     "xff-ipv4-mapped-ipv6": Case(get(blob(), forwarded(xff("::ffff:" + AWS_EU_WEST_3))), 307, MIRROR + HELD),
     "xff-ipv6-zone-id": Case(get(blob(), forwarded(xff("fe80::1%eth0"))), 307, CDN + HELD),
@@ -192,6 +197,10 @@ CASES: dict[str, Case] = {
     "digest-with-slash-encoded": Case(get("/v2/pause/blobs/sha256:ab%2Fcd"), 400),
     "signature-tag-to-signature-upstream": Case(get(f"/v2/pause/manifests/{SIG_TAG}"), 307,
                                                 SIG_UP + f"pause/manifests/{SIG_TAG}"),
+    "manifest-digest-query-kept-on-fallback": Case(get(f"/v2/pause/manifests/{HELD}?x=%zz&y=\"<b>\""), 307,
+                                                   SIG_UP + f"pause/manifests/{HELD}?x=%25zz&y=%22%3Cb%3E%22"),
+    "manifest-digest-under-the-path-on-fallback": Case(get(f"/v2/{REGISTRY_PATH}/pause/manifests/{HELD}"), 307,
+                                                       SIG_UP + f"pause/manifests/{HELD}"),
     "referrers-to-signature-upstream": Case(get(f"/v2/pause/referrers/{HELD}?artifactType=x%2Fy"), 307,
                                             SIG_UP + f"pause/referrers/{HELD}?artifactType=x%2Fy"),
 }
@@ -199,7 +208,8 @@ CASES: dict[str, Case] = {
 
 @pytest.fixture(scope="module")
 def served(engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Settings, str]]:
-    with served_process(Path(tmp_path_factory.mktemp("cases"))) as (server, configured, mirror):
+    with served_process(Path(tmp_path_factory.mktemp("cases")), SIGNATURE_UPSTREAM_ENDPOINT=SIGNATURE_UPSTREAM) as (
+            server, configured, mirror):
         mirror.present.add(HELD)
         yield server, configured, mirror.url
 

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from archeio.app import PendingCheck, RequestFlow
+from archeio.app import PendingCheck, RequestFlow, make_flow
 from archeio.clientip import client_ip
 from archeio.config import Settings
 from archeio.existence import BlobExistenceCache
@@ -43,6 +43,7 @@ from .reliability_support import (
     GOOGLE_CLOUD,
     LOAD_BALANCER,
     NOBODY,
+    SIGNATURE_UPSTREAM,
     ServerProcess,
     digest,
     exchange,
@@ -146,7 +147,8 @@ forwarded = st.one_of(
 @pytest.fixture(scope="module")
 def configured(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     tmp = tmp_path_factory.mktemp("pure")
-    return settings_from(server_env("http://127.0.0.4:9000/bucket", "http://127.0.0.5:9000/cdn", Path(tmp)))
+    return settings_from(server_env("http://127.0.0.4:9000/bucket", "http://127.0.0.5:9000/cdn", Path(tmp),
+                                    SIGNATURE_UPSTREAM_ENDPOINT=SIGNATURE_UPSTREAM))
 
 
 @pytest.fixture(scope="module")
@@ -186,17 +188,19 @@ def test_router_answers_defined_status_and_redirects_only_to_configured_bases(
 
 @_fuzz_pure
 @given(method=method, path=path, query=query, forwarded=forwarded,
-       peer=st.sampled_from([None, "127.0.0.1", AWS_EU_WEST_3, "::1"]), found=st.booleans())
+       peer=st.sampled_from([None, "127.0.0.1", AWS_EU_WEST_3, "::1"]), found=st.booleans(),
+       at_upstream=st.booleans())
 def test_flow_decision_renders_as_well_framed_response_for_any_request(
     configured: Settings, index: CloudIndex, method: str, path: str, query: str,
-    forwarded: str | None, peer: str | None, found: bool,
+    forwarded: str | None, peer: str | None, found: bool, at_upstream: bool,
 ) -> None:
-    # The whole synchronous flow, X-Forwarded-For included, without sockets;
-    # a blob needing a check is finished with either existence answer.
-    flow = RequestFlow(configured, index, BlobExistenceCache.from_settings(configured))
+    # The whole synchronous flow, X-Forwarded-For included, without sockets,
+    # with the signature fallback (the settings have a signature upstream);
+    # content needing a check is finished with each existence answer.
+    flow = make_flow(configured, index, BlobExistenceCache.from_settings(configured))
     outcome = flow.respond(method, path, query, forwarded, peer)
     if isinstance(outcome, PendingCheck):
-        outcome = flow.decide_checked(outcome, found)
+        outcome = flow.decide_checked(outcome, found, at_upstream)
     wire = Wire()
     if isinstance(outcome, LocalAnswer):
         rendered = wire.answer(outcome, method == "HEAD", KEEP)

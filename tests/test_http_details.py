@@ -197,7 +197,7 @@ async def test_shutdown_waits_for_a_check_in_flight_before_closing_the_client_se
         mirror.release()
         await asyncio.wait_for(run, 30)
         # The HEAD was answered, not cut off by a closed session.
-        assert dict(cache.outcomes) == {"hit": 1}
+        assert dict(cache.outcomes) == {(mirror.url, "hit"): 1}
     finally:
         server.stopping.set()
         mirror.release()

@@ -11,13 +11,14 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from archeio.metrics import CHECK_BUCKETS, Snapshot, render, retire
+from archeio.metrics import CHECK_BUCKETS, REQUEST_BUCKETS, Snapshot, render, retire
 
 from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY
 from .ops_support import (
@@ -61,18 +62,27 @@ def _worker(name: str, mirror_hits: int, hit_seconds: float) -> Snapshot:
     return {
         "worker": name,
         "ready": True,
+        "process": {"cpu_seconds": 1.5, "resident_memory_bytes": 50_000_000, "virtual_memory_bytes": 90_000_000,
+                    "open_fds": 12, "max_fds": 1024, "start_time_seconds": 1_700_000_000.0},
+        "build": {"version": "0.1.0", "python": "3.11.7", "engine": "httptools"},
         "requests": [["blob", "mirror", 307, mirror_hits], ["manifest", "upstream", 307, 2]],
+        "latency": [["blob", "3xx", _one_bucket(mirror_hits, 2), mirror_hits * 0.0001]],
         "blob_decisions": [["AWS", "eu-west-3", "mirror", mirror_hits], ["", "", "upstream", 1]],
-        "checks": {"hit": 1},
-        "check_buckets": {"hit": buckets},
-        "check_seconds": {"hit": hit_seconds},
-        "cache": {"hits": 1, "misses": 0},
+        "checks": [["http://m", "hit", 1]],
+        "check_latency": [["http://m", "hit", buckets, hit_seconds]],
+        "cache": [["http://m", "hits", 1], ["http://m", "misses", 0]],
         "breakers": {"http://m": "closed"},
         "connections": {"open": 3, "idle": 1, "reading": 1, "lingering": 0, "busy": 1, "awaiting_check": 1},
         "connections_closed": {"header_timeout": 2},
         "ranges": {"AWS": {"prefixes": 10, "serial": "s", "published": 0.0, "loaded": 5.0}},
         "reloads": [["AWS", "loaded", 1]],
     }
+
+
+def _one_bucket(count: int, bucket: int) -> list[int]:
+    counts = [0] * (len(REQUEST_BUCKETS) + 1)
+    counts[bucket] = count
+    return counts
 
 
 def _samples(snaps: list[Snapshot]) -> list[tuple[str, dict[str, str], float]]:
@@ -87,8 +97,8 @@ def test_collector_sums_workers_and_keeps_counts_of_retired_ones() -> None:
     assert total(samples, "archeio_requests_total", kind="blob", decision="mirror", status="307") == 107
     assert total(samples, "archeio_blob_decisions_total", cloud="AWS", region="eu-west-3") == 107
     assert total(samples, "archeio_blob_decisions_total", cloud="none", region="none") == 3
-    assert total(samples, "archeio_existence_checks_total", outcome="hit") == 3
-    assert total(samples, "archeio_existence_check_seconds_count", outcome="hit") == 3
+    assert total(samples, "archeio_existence_checks_total", mirror="http://m", outcome="hit") == 3
+    assert total(samples, "archeio_existence_check_seconds_count", mirror="http://m", outcome="hit") == 3
     assert total(samples, "archeio_existence_check_seconds_bucket", outcome="hit", le="+Inf") == 3
     assert total(samples, "archeio_existence_check_seconds_sum", outcome="hit") == pytest.approx(0.006)
     assert total(samples, "archeio_ranges_reloads_total", cloud="AWS", outcome="loaded") == 3
@@ -96,10 +106,39 @@ def test_collector_sums_workers_and_keeps_counts_of_retired_ones() -> None:
     assert total(samples, "archeio_requests_awaiting_check") == 2
     assert total(samples, "archeio_connections", state="reading") == 2
     assert total(samples, "archeio_connections_closed_total", reason="header_timeout") == 6
-    assert total(samples, "archeio_existence_cache_entries", cache="hits") == 2
+    assert total(samples, "archeio_existence_cache_entries", mirror="http://m", cache="hits") == 2
     assert total(samples, "archeio_mirror_breaker_state", mirror="http://m", state="closed") == 2
     assert {labels["worker"] for name, labels, _ in samples if name == "archeio_ranges_prefixes"} == {"0", "1"}
     assert total(samples, "archeio_worker_restarts_total") == 1
+
+
+def test_collector_sums_latency_histograms_of_live_and_retired_workers() -> None:
+    samples = _samples([_worker("0", 3, 0.002), _worker("1", 4, 0.003), retire(_worker("1", 100, 0.001))])
+    labels = {"kind": "blob", "status_class": "3xx"}
+    assert total(samples, "archeio_request_duration_seconds_count", **labels) == 107
+    assert total(samples, "archeio_request_duration_seconds_sum", **labels) == pytest.approx(0.0107)
+    # Cumulative: nothing below the bucket the observations are in, all of them from it on.
+    assert total(samples, "archeio_request_duration_seconds_bucket", le=repr(REQUEST_BUCKETS[1]), **labels) == 0
+    assert total(samples, "archeio_request_duration_seconds_bucket", le=repr(REQUEST_BUCKETS[2]), **labels) == 107
+    assert total(samples, "archeio_request_duration_seconds_bucket", le="+Inf", **labels) == 107
+
+
+def test_process_metrics_are_per_process_and_the_supervisor_reports_its_own() -> None:
+    supervisor = {"worker": "supervisor", "process": _worker("x", 0, 0)["process"],
+                  "build": {"version": "0.1.0", "python": "3.11.7", "engine": "httptools"}}
+    samples = _samples([_worker("0", 3, 0.002), _worker("1", 4, 0.003), supervisor, retire(_worker("2", 1, 0.1))])
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+                 "process_open_fds", "process_max_fds", "process_start_time_seconds"):
+        assert {labels["worker"] for sample, labels, _ in samples if sample == name} == {"0", "1", "supervisor"}, name
+    assert total(samples, "process_resident_memory_bytes", worker="0") == 50_000_000
+    # The supervisor serves no requests: it has no line of its own there.
+    per_worker = {labels["worker"] for name, labels, _ in samples if name == "archeio_worker_requests_total"}
+    assert per_worker == {"0", "1"}
+    # One build, however many processes report it.
+    builds = [labels for name, labels, _ in samples if name == "archeio_build_info"]
+    assert builds == [{"version": "0.1.0", "python": "3.11.7", "engine": "httptools"}]
+    assert not any(name.startswith("archeio_worker_resident") or name.startswith("archeio_worker_cpu")
+                   for name, _, _ in samples)
 
 
 def test_rate_limit_tables_are_summed_and_forgotten_buckets_survive_a_restart() -> None:
@@ -179,6 +218,29 @@ def test_counts_from_two_workers_add_up_on_one_admin_port(two_workers: ArcheioPr
     assert sum(per_worker.values()) == total(after, "archeio_requests_total")
     assert total(after, "archeio_workers", state="ready") == 2
     assert total(after, "archeio_in_flight_requests") == 0
+    # Every answer counted is an observation of the latency histogram, summed over the workers.
+    for kind, status_class, count in (("blob", "3xx", 44), ("manifest", "3xx", 8), ("other", "2xx", 5)):
+        labels = {"kind": kind, "status_class": status_class}
+        assert delta("archeio_request_duration_seconds_count", **labels) == count
+        assert delta("archeio_request_duration_seconds_bucket", le="+Inf", **labels) == count
+
+
+def test_build_and_processes_are_reported_for_each_worker_and_the_supervisor(
+    engine: str, two_workers: ArcheioProcess
+) -> None:
+    samples = scrape(two_workers)
+    builds = [labels for name, labels, value in samples if name == "archeio_build_info" and value == 1]
+    assert len(builds) == 1 and builds[0]["engine"] == engine
+    assert builds[0]["python"] == ".".join(map(str, sys.version_info[:3]))
+    workers = {labels["worker"] for name, labels, _ in samples if name == "process_resident_memory_bytes"}
+    assert workers == {"0", "1", "supervisor"}
+    for worker in workers:
+        assert total(samples, "process_resident_memory_bytes", worker=worker) > 1_000_000
+        assert total(samples, "process_open_fds", worker=worker) >= 3
+        assert 0 < total(samples, "process_start_time_seconds", worker=worker) <= time.time()
+    # The workers started after the supervisor that started them.
+    assert total(samples, "process_start_time_seconds", worker="0") >= total(
+        samples, "process_start_time_seconds", worker="supervisor") - 1
 
 
 def test_range_data_is_reported_per_cloud_and_worker(two_workers: ArcheioProcess) -> None:

@@ -4,8 +4,9 @@ Every row goes through `RequestFlow.respond` and, where a blob needs an
 existence check, `respond_after_check`: the code the server runs for every
 request (as upstream's `TestMakeHandler` goes through its handler). The
 existence cache is a table-driven fake: what the mirror holds is the row's
-cache state. tests/test_server.py sends the same kinds of requests over real
-sockets.
+cache state, and, with the signature fallback, what the regional upstream
+holds is a second one. tests/test_server.py and tests/test_signature_fallback.py
+send the same kinds of requests over real sockets.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from archeio.app import PendingCheck, RequestFlow
+from archeio.app import FallbackFlow, PendingCheck, RequestFlow, make_flow
 from archeio.config import INFO_URL, PRIVACY_URL, Settings
 from archeio.routing import (
     BLOB,
@@ -24,10 +25,12 @@ from archeio.routing import (
     OTHER,
     REFERRERS,
     SIGNATURE,
+    SIGNATURE_FALLBACK,
     SIGNATURE_UPSTREAM,
     TAGS,
     UPSTREAM,
     Decision,
+    DigestRoute,
     LocalAnswer,
     Route,
     Router,
@@ -37,7 +40,8 @@ from iprange import CloudIndex, Placement, load_index
 
 from .conftest import make_settings
 
-UP = "https://us-central1-docker.pkg.dev/v2/k8s-artifacts-prod/images/"
+REGIONAL = "https://us-central1-docker.pkg.dev"  # UPSTREAM_REGISTRY_ENDPOINT's default
+UP = REGIONAL + "/v2/k8s-artifacts-prod/images/"
 SIG = "https://sig.example/v2/k8s-artifacts-prod/images/"
 CDN = "https://d1be1w964nk82h.cloudfront.net"
 EU_WEST_3 = "https://prod-registry-k8s-io-eu-west-3.s3.dualstack.eu-west-3.amazonaws.com"
@@ -59,18 +63,33 @@ HIT, MISS, UNKNOWN_HIT, UNKNOWN_MISS = "hit", "miss", "unknown, then found", "un
 
 
 class TableCache:
-    """The existence cache's two faces, answered from the row's cache state."""
+    """The existence cache's faces, answered from the row's cache states.
 
-    def __init__(self, state: str) -> None:
+    `state` is what the client's mirror holds; `upstream` what the regional
+    upstream (REGIONAL) holds, for the signature fallback's check. Every
+    question is recorded in order: `asked` (cached), `checks` (HEADs).
+    """
+
+    def __init__(self, state: str, upstream: str = UNKNOWN_HIT) -> None:
         self.state = state
-        self.checks: list[tuple[str, str]] = []
+        self.upstream = upstream
+        self.asked: list[tuple[str, str]] = []
+        self.checks: list[tuple[str, ...]] = []
+
+    def _state(self, base: str) -> str:
+        return self.upstream if base == REGIONAL else self.state
 
     def cached(self, mirror: str, digest: str) -> bool | None:
-        return {HIT: True, MISS: False}.get(self.state)
+        self.asked.append((mirror, digest))
+        return {HIT: True, MISS: False}.get(self._state(mirror))
 
     async def check(self, mirror: str, digest: str) -> bool:
         self.checks.append((mirror, digest))
         return self.state == UNKNOWN_HIT
+
+    async def check_registry(self, registry: str, key: str, url: str) -> bool:
+        self.checks.append((registry, key, url))
+        return self.upstream == UNKNOWN_HIT
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +103,10 @@ def settings_for(**env: str) -> Settings:
 
 async def answer(
     settings: Settings, index: CloudIndex, method: str, target: str, forwarded: str | None = None,
-    peer: str | None = "127.0.0.1", cache: str = UNKNOWN_MISS,
+    peer: str | None = "127.0.0.1", cache: str = UNKNOWN_MISS, upstream: str = UNKNOWN_HIT,
 ) -> tuple[int, str | None]:
-    """(status, Location) the server's flow gives a request in this cache state."""
-    flow = RequestFlow(settings, index, TableCache(cache))  # type: ignore[arg-type]
+    """(status, Location) the server's flow gives a request in these cache states."""
+    flow = make_flow(settings, index, TableCache(cache, upstream))  # type: ignore[arg-type]
     path, _, query = target.partition("?")
     outcome = flow.respond(method, path, query, forwarded, peer)
     if isinstance(outcome, PendingCheck):
@@ -412,3 +431,208 @@ def test_empty_upstream_path_has_nothing_to_strip() -> None:
     router = Router(settings_for(UPSTREAM_REGISTRY_PATH="", UPSTREAM_REGISTRY_ENDPOINT="http://reg.example"))
     route = router.classify("GET", "/v2/a/b/manifests/1")
     assert router.upstream_location(route, "").location == "http://reg.example/v2/a/b/manifests/1"  # type: ignore[arg-type]
+
+
+
+# -- the signature fallback: content by digest the regional upstream lacks ---------------
+
+SIGNING = {"SIGNATURE_UPSTREAM_ENDPOINT": "https://sig.example"}
+MANIFEST_BY_DIGEST = "/v2/pause/manifests/" + D256
+BLOB_BY_DIGEST = "/v2/pause/blobs/" + D256
+
+FALLBACK_CASES = [
+    # (path, X-Forwarded-For, mirror state, upstream state, location)
+    # A manifest by digest: the upstream alone decides, whoever the client is.
+    (MANIFEST_BY_DIGEST, f"{NOBODY}, {LB}", MISS, HIT, UP + "pause/manifests/" + D256),
+    (MANIFEST_BY_DIGEST, f"{NOBODY}, {LB}", MISS, UNKNOWN_HIT, UP + "pause/manifests/" + D256),
+    (MANIFEST_BY_DIGEST, f"{NOBODY}, {LB}", HIT, MISS, SIG + "pause/manifests/" + D256),
+    (MANIFEST_BY_DIGEST, f"{NOBODY}, {LB}", HIT, UNKNOWN_MISS, SIG + "pause/manifests/" + D256),
+    (MANIFEST_BY_DIGEST, "garbage", MISS, HIT, UP + "pause/manifests/" + D256),
+    (MANIFEST_BY_DIGEST, f"{GCP}, {LB}", MISS, MISS, SIG + "pause/manifests/" + D256),
+    ("/v2/pause/manifests/" + D512, None, MISS, MISS, SIG + "pause/manifests/" + D512),
+    # A Google Cloud client's blob: the upstream alone, whatever a mirror holds.
+    (BLOB_BY_DIGEST, f"{GCP}, {LB}", HIT, HIT, UP + "pause/blobs/" + D256),
+    (BLOB_BY_DIGEST, f"{GCP}, {LB}", HIT, UNKNOWN_HIT, UP + "pause/blobs/" + D256),
+    (BLOB_BY_DIGEST, f"{GCP}, {LB}", HIT, MISS, SIG + "pause/blobs/" + D256),
+    (BLOB_BY_DIGEST, f"{GCP}, {LB}", HIT, UNKNOWN_MISS, SIG + "pause/blobs/" + D256),
+    # An AWS client's blob: its mirror first; the upstream only when the mirror lacks it.
+    (BLOB_BY_DIGEST, f"{AWS_EU_WEST_3}, {LB}", HIT, MISS, f"{EU_WEST_3}/containers/images/{D256}"),
+    (BLOB_BY_DIGEST, f"{AWS_EU_WEST_3}, {LB}", UNKNOWN_HIT, MISS, f"{EU_WEST_3}/containers/images/{D256}"),
+    (BLOB_BY_DIGEST, f"{AWS_EU_WEST_3}, {LB}", MISS, HIT, UP + "pause/blobs/" + D256),
+    (BLOB_BY_DIGEST, f"{AWS_EU_WEST_3}, {LB}", MISS, UNKNOWN_MISS, SIG + "pause/blobs/" + D256),
+    (BLOB_BY_DIGEST, f"{AWS_EU_WEST_3}, {LB}", UNKNOWN_MISS, UNKNOWN_HIT, UP + "pause/blobs/" + D256),
+    (BLOB_BY_DIGEST, f"{AWS_EU_WEST_3}, {LB}", UNKNOWN_MISS, MISS, SIG + "pause/blobs/" + D256),
+    # Unknown clients: the default mirror (the CDN), then as AWS.
+    (BLOB_BY_DIGEST, f"{NOBODY}, {LB}", HIT, MISS, f"{CDN}/containers/images/{D256}"),
+    (BLOB_BY_DIGEST, f"{NOBODY}, {LB}", UNKNOWN_MISS, UNKNOWN_HIT, UP + "pause/blobs/" + D256),
+    (BLOB_BY_DIGEST, f"{NOBODY}, {LB}", MISS, UNKNOWN_MISS, SIG + "pause/blobs/" + D256),
+    # Names already under the upstream path keep it, on either registry.
+    ("/v2/k8s-artifacts-prod/images/pause/manifests/" + D256, None, MISS, MISS, SIG + "pause/manifests/" + D256),
+    ("/v2/k8s-artifacts-prod/images/pause/blobs/" + D256, f"{GCP}, {LB}", MISS, HIT, UP + "pause/blobs/" + D256),
+    # The query: kept, and correctly encoded, as on the way upstream.
+    (MANIFEST_BY_DIGEST + "?a=b c", None, MISS, MISS, SIG + "pause/manifests/" + D256 + "?a=b%20c"),
+    (MANIFEST_BY_DIGEST + "?a=b c", None, MISS, HIT, UP + "pause/manifests/" + D256 + "?a=b%20c"),
+    (BLOB_BY_DIGEST + "?x=1", f"{AWS_EU_WEST_3}, {LB}", HIT, MISS, f"{EU_WEST_3}/containers/images/{D256}"),
+    (BLOB_BY_DIGEST + "?x=1", f"{AWS_EU_WEST_3}, {LB}", MISS, MISS, SIG + f"pause/blobs/{D256}?x=1"),
+]
+
+
+@pytest.mark.parametrize(("target", "forwarded", "mirror", "upstream", "location"), FALLBACK_CASES)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_content_by_digest_goes_to_the_signature_upstream_where_the_upstream_lacks_it(
+    index: CloudIndex, method: str, target: str, forwarded: str | None, mirror: str, upstream: str, location: str,
+) -> None:
+    got = await answer(settings_for(**SIGNING), index, method, target, forwarded, None if forwarded else "127.0.0.1",
+                       mirror, upstream)
+    assert got == (307, location)
+
+
+def fallback_flow(index: CloudIndex, mirror: str, upstream: str) -> tuple[RequestFlow, TableCache]:
+    cache = TableCache(mirror, upstream)
+    return make_flow(settings_for(**SIGNING), index, cache), cache  # type: ignore[arg-type]
+
+
+async def finish(flow: RequestFlow, outcome: object) -> Decision:
+    """The decision of a `respond` outcome, after its checks, handed over (counted) as an engine does:
+    its latency appended to the list the flow names."""
+    if isinstance(outcome, PendingCheck):
+        decision = await flow.respond_after_check(outcome)
+        flow.delivered(outcome, decision)
+    else:
+        assert isinstance(outcome, Decision)
+        decision = outcome
+    flow.last_answer.append(0.0)
+    return decision
+
+
+async def test_fallback_checks_the_mirror_first_and_the_upstream_only_when_the_mirror_lacks_the_blob(
+    index: CloudIndex,
+) -> None:
+    flow, cache = fallback_flow(index, UNKNOWN_MISS, UNKNOWN_HIT)
+    outcome = flow.respond("GET", BLOB_BY_DIGEST, "", f"{AWS_EU_WEST_3}, {LB}", None)
+    assert isinstance(outcome, PendingCheck) and outcome.mirror == EU_WEST_3
+    await finish(flow, outcome)
+    assert cache.checks == [(EU_WEST_3, D256), (REGIONAL, "pause/blobs/" + D256, UP + "pause/blobs/" + D256)]
+
+
+async def test_fallback_does_not_ask_the_upstream_for_a_blob_the_mirror_holds(index: CloudIndex) -> None:
+    flow, cache = fallback_flow(index, UNKNOWN_HIT, UNKNOWN_MISS)
+    await finish(flow, flow.respond("GET", BLOB_BY_DIGEST, "", f"{AWS_EU_WEST_3}, {LB}", None))
+    assert cache.checks == [(EU_WEST_3, D256)]
+    assert all(base != REGIONAL for base, _ in cache.asked)
+
+
+async def test_google_cloud_clients_blob_is_checked_only_in_the_upstream(index: CloudIndex) -> None:
+    flow, cache = fallback_flow(index, UNKNOWN_HIT, UNKNOWN_MISS)
+    outcome = flow.respond("GET", BLOB_BY_DIGEST, "", f"{GCP}, {LB}", None)
+    assert isinstance(outcome, PendingCheck) and outcome.mirror is None
+    await finish(flow, outcome)
+    assert cache.checks == [(REGIONAL, "pause/blobs/" + D256, UP + "pause/blobs/" + D256)]
+
+
+async def test_manifest_by_digest_is_checked_at_its_upstream_url_keyed_by_repository(index: CloudIndex) -> None:
+    flow, cache = fallback_flow(index, MISS, UNKNOWN_MISS)
+    await finish(flow, flow.respond("HEAD", "/v2/kubernetes/pause/manifests/" + D256, "", None, "127.0.0.1"))
+    rest = "kubernetes/pause/manifests/" + D256
+    assert cache.checks == [(REGIONAL, rest, UP + rest)]
+
+
+async def test_fallback_uses_a_known_upstream_answer_without_a_check(index: CloudIndex) -> None:
+    flow, cache = fallback_flow(index, MISS, HIT)
+    outcome = flow.respond("GET", MANIFEST_BY_DIGEST, "", None, "127.0.0.1")
+    assert isinstance(outcome, Decision) and outcome.location == UP + "pause/manifests/" + D256
+    assert cache.checks == [] and cache.asked == [(REGIONAL, "pause/manifests/" + D256)]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v2/pause/manifests/3.9",
+        "/v2/pause/manifests/" + COSIGN,
+        "/v2/pause/manifests/" + COSIGN.replace(".sig", ".att"),
+        "/v2/pause/referrers/" + D256,
+        "/v2/pause/tags/list?n=2",
+        "/v2/pause/manifests/blake3:" + "a" * 64,
+        "/v2/some/repo",
+    ],
+)
+def test_fallback_never_checks_tags_signatures_referrers_or_other_digests(index: CloudIndex, target: str) -> None:
+    flow, cache = fallback_flow(index, UNKNOWN_HIT, UNKNOWN_MISS)
+    path, _, query = target.partition("?")
+    outcome = flow.respond("GET", path, query, None, "127.0.0.1")
+    assert isinstance(outcome, Decision) and outcome.backend in (UPSTREAM, SIGNATURE_UPSTREAM)
+    assert cache.asked == []
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"SIGNATURE_UPSTREAM_ENDPOINT": REGIONAL}, {"SIGNATURE_UPSTREAM_ENDPOINT": REGIONAL + "/"}],
+    ids=["unset", "the-upstream", "the-upstream-with-a-slash"],
+)
+async def test_without_a_signature_upstream_of_its_own_nothing_is_checked_upstream(
+    index: CloudIndex, env: dict[str, str],
+) -> None:
+    settings = settings_for(**env)
+    assert not settings.signature_fallback
+    cache = TableCache(UNKNOWN_MISS, UNKNOWN_MISS)
+    flow = make_flow(settings, index, cache)  # type: ignore[arg-type]
+    assert type(flow) is RequestFlow
+    manifest = flow.respond("GET", MANIFEST_BY_DIGEST, "", None, "127.0.0.1")
+    assert isinstance(manifest, Decision) and manifest.location == UP + "pause/manifests/" + D256
+    google = flow.respond("GET", BLOB_BY_DIGEST, "", f"{GCP}, {LB}", None)
+    assert isinstance(google, Decision) and google.location == UP + "pause/blobs/" + D256
+    await finish(flow, flow.respond("GET", BLOB_BY_DIGEST, "", f"{AWS_EU_WEST_3}, {LB}", None))
+    assert cache.checks == [(EU_WEST_3, D256)]
+
+
+def test_a_signature_upstream_of_its_own_chooses_the_fallback_flow(index: CloudIndex) -> None:
+    assert type(make_flow(settings_for(**SIGNING), index, TableCache(MISS))) is FallbackFlow  # type: ignore[arg-type]
+
+
+async def test_fallback_answers_are_counted_by_kind_and_backend(index: CloudIndex) -> None:
+    flow, _ = fallback_flow(index, MISS, MISS)
+    await finish(flow, flow.respond("GET", MANIFEST_BY_DIGEST, "", None, "127.0.0.1"))  # known: counted at once
+    flow.cache.upstream = UNKNOWN_MISS  # type: ignore[attr-defined]
+    await finish(flow, flow.respond("GET", "/v2/other/blobs/" + D256, "", f"{GCP}, {LB}", None))  # checked
+    assert flow.requests == {("manifest", SIGNATURE_FALLBACK, 307): 1, ("blob", SIGNATURE_FALLBACK, 307): 1}
+    assert flow.blob_rows() == [["GCP", "europe-north1", SIGNATURE_FALLBACK, 1]]
+
+
+async def test_pending_fallback_is_counted_only_once_delivered(index: CloudIndex) -> None:
+    flow, _ = fallback_flow(index, MISS, UNKNOWN_MISS)
+    outcome = flow.respond("GET", MANIFEST_BY_DIGEST, "", None, "127.0.0.1")
+    assert isinstance(outcome, PendingCheck)
+    decision = await flow.respond_after_check(outcome)
+    assert decision.backend == SIGNATURE_FALLBACK and flow.requests == {}
+    flow.delivered(outcome, decision)
+    flow.last_answer.append(0.0)  # the engine, once the answer is written
+    assert flow.requests == {("manifest", SIGNATURE_FALLBACK, 307): 1}
+
+
+def test_request_flow_made_directly_never_falls_back(index: CloudIndex) -> None:
+    """The flow's class decides, not the settings alone: the router's routes match the flow."""
+    flow = RequestFlow(settings_for(**SIGNING), index, TableCache(MISS, MISS))  # type: ignore[arg-type]
+    outcome = flow.respond("GET", MANIFEST_BY_DIGEST, "", None, "127.0.0.1")
+    assert isinstance(outcome, Decision) and outcome.location == UP + "pause/manifests/" + D256
+
+
+def test_manifest_by_digest_with_the_fallback_is_a_digest_route(index: CloudIndex) -> None:
+    flow, _ = fallback_flow(index, MISS, MISS)
+    route = flow.router.classify("GET", MANIFEST_BY_DIGEST)
+    assert isinstance(route, DigestRoute) and route.kind == MANIFEST and route.digest == D256
+    assert type(flow.router.classify("GET", BLOB_BY_DIGEST)) is Route
+
+
+async def test_checked_and_known_answers_of_one_key_are_counted_together(index: CloudIndex) -> None:
+    """An answer decided after a check is counted in the same list as the hot path's answer of that key
+    (`route.answers`, the mirror's list): one series per key, whichever path decided it."""
+    flow, _ = fallback_flow(index, UNKNOWN_HIT, HIT)
+    await finish(flow, flow.respond("GET", BLOB_BY_DIGEST, "", f"{AWS_EU_WEST_3}, {LB}", None))  # checked: mirror
+    route = flow.router.classify("GET", "/v2/other/blobs/" + D256)
+    assert isinstance(route, Route)
+    await finish(flow, flow.respond("GET", "/v2/other/blobs/" + D256, "", f"{GCP}, {LB}", None))  # known: upstream
+    assert route.answers is flow.latency.answers((BLOB, UPSTREAM, 307))
+    flow.cache.upstream = UNKNOWN_MISS  # type: ignore[attr-defined]
+    for path in ("/v2/third/blobs/" + D256, "/v2/fourth/blobs/" + D256):  # checked twice: the fallback
+        await finish(flow, flow.respond("GET", path, "", f"{GCP}, {LB}", None))
+    assert flow.requests == {(BLOB, MIRROR, 307): 1, (BLOB, UPSTREAM, 307): 1, (BLOB, SIGNATURE_FALLBACK, 307): 2}

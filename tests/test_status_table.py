@@ -4,7 +4,10 @@ The rows are read from the document (tests/status_table.py). Each request
 is sent as raw bytes over a socket, so that paths such as `/v2/pause/../x`
 reach the server exactly as written. The client is a direct connection
 from 127.0.0.1 (in no cloud), so blobs are checked in the default mirror: a
-stand-in bucket that holds `<layer>` and nothing else.
+stand-in bucket that holds `<layer>` and nothing else. The signature
+upstream is a registry of its own, so the signature fallback is on: the
+upstream is the same stand-in at its root, holding `pause`'s `<manifest>`
+and `<layer>` and nothing else.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import pytest
 from .conftest import make_settings
 from .status_table import Row, read_rows
 
-UPSTREAM = "http://upstream.example"
 SIGNATURES = "http://signatures.example"
 PATH = "k8s-artifacts-prod/images"
 MANIFEST = "sha256:" + "1" * 64
@@ -28,6 +30,9 @@ PLACEHOLDERS = {
     "<manifest>": MANIFEST,
     "<layer>": LAYER,
     "<sig>": "sha256-" + "1" * 64 + ".sig",
+    # cosign's signature manifest and its layer: only in the signature registry.
+    "<sig-manifest>": "sha256:" + "3" * 64,
+    "<sig-layer>": "sha256:" + "4" * 64,
 }
 ROWS = read_rows()
 
@@ -48,7 +53,7 @@ async def exchange(port: int, method: str, target: str) -> tuple[int, dict[str, 
     return int(status_line.split()[1]), headers, body
 
 
-def expected_location(row: Row, path: str) -> str:
+def expected_location(row: Row, path: str, upstream: str) -> str:
     """Where a redirect of `row` must point.
 
     Registry targets: the repository `<path>/<name>` on the right registry,
@@ -56,7 +61,7 @@ def expected_location(row: Row, path: str) -> str:
     """
     if row.target == "mirror":
         return "MIRROR/containers/images/" + path.rsplit("/", 1)[1]
-    base = SIGNATURES if row.target == "signature upstream" else UPSTREAM
+    base = SIGNATURES if row.target == "signature upstream" else upstream
     rest = path.removeprefix("/v2/").removeprefix(PATH + "/")
     return f"{base}/v2/{PATH}/{rest}" + (f"?{row.query}" if row.query else "")
 
@@ -65,9 +70,11 @@ def expected_location(row: Row, path: str) -> str:
 async def server(engine: str, start_server: Any, bucket: Any) -> Any:
     """A running server on each HTTP engine in turn (tests/engines.py)."""
     bucket.add("cdn", LAYER)
+    bucket.add_to_registry(f"{PATH}/pause", MANIFEST)
+    bucket.add_to_registry(f"{PATH}/pause", LAYER)
     settings = make_settings(
         PORT="0", ARCHEIO_HOST="127.0.0.1",
-        UPSTREAM_REGISTRY_ENDPOINT=UPSTREAM, UPSTREAM_REGISTRY_PATH=PATH,
+        UPSTREAM_REGISTRY_ENDPOINT=bucket.url, UPSTREAM_REGISTRY_PATH=PATH,
         SIGNATURE_UPSTREAM_ENDPOINT=SIGNATURES,
         DEFAULT_AWS_BASE_URL=bucket.base("cdn"),
     )
@@ -92,7 +99,7 @@ async def test_archeio_answers_as_the_table_says(server: Any, bucket: Any, row: 
     assert status == row.status, (target, body)
     if row.status == 307:
         location = headers["location"].replace(bucket.base("cdn"), "MIRROR")
-        assert location == expected_location(row, path)
+        assert location == expected_location(row, path, bucket.url)
     elif row.code is not None:
         assert headers["content-type"] == "application/json"
         if method == "HEAD":

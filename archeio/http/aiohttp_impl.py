@@ -35,18 +35,29 @@ handler and the socket, without patching aiohttp:
 Reading aiohttp's count of parsed requests (`RequestHandler._request_count`)
 is the one place we rely on a private attribute; aiohttp is pinned to 3.14
 and the tests of queued requests fail if it changes.
+
+Latency and access lines are taken as on the lean engine: a request's
+time starts with the read its connection last received before aiohttp
+called our handler (the read that completed it, unless the client sent
+more behind it), and ends when aiohttp reports the response sent (its
+access-logger hook runs once the response is written to the transport).
+The bytes an access line reports are those aiohttp wrote for that
+response, counted at the transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from random import random as _random
+from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ..logs import AccessLine, RequestFacts
 from ..routing import Decision, LocalAnswer
 from .answers import ERRORS, UNAVAILABLE
 from .connections import IDLE, ConnectionTracker, Lingering
@@ -60,14 +71,23 @@ log = logging.getLogger("archeio.http")
 
 
 class _Answer(web.Response):
-    """A response of our handler (aiohttp's own refusals are plain `web.Response`s)."""
+    """A response of our handler (aiohttp's own refusals are plain `web.Response`s).
+
+    It carries what is done once it is sent: the list its latency is
+    appended to, which counts it (None: not counted, its client had gone),
+    when its request was complete, and its sampled access line.
+    """
+
+    answers: list[float] | None = None
+    started = 0.0
+    line: AccessLine | None = None
 
 
 class _TrackedConnection(asyncio.Protocol):
     """One client connection: the socket's protocol, and the transport aiohttp's handler sees."""
 
     __slots__ = ("state", "last_active", "engine", "tracker", "inner", "transport", "answered", "partial", "eof",
-                 "closing", "linger", "suspect", "made")
+                 "closing", "linger", "suspect", "made", "read_at", "written", "reported")
 
     def __init__(self, engine: AiohttpEngine) -> None:
         self.state = IDLE
@@ -86,6 +106,9 @@ class _TrackedConnection(asyncio.Protocol):
         # nginx's lingering_close "on" decides).
         self.suspect = False
         self.made = False
+        self.read_at = 0.0  # when the last read began
+        self.written = 0  # bytes aiohttp wrote
+        self.reported = 0  # of them, those of responses reported sent
 
     # -- the socket's side ---------------------------------------------------------
 
@@ -104,6 +127,7 @@ class _TrackedConnection(asyncio.Protocol):
             return
         if self.closing:
             return
+        self.read_at = _clock()
         inner = self.inner
         parsed = inner._request_count
         # aiohttp parses a whole read at once and, if any of it is malformed,
@@ -199,10 +223,13 @@ class _TrackedConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
+            self.written += len(data)
             self.transport.write(data)
 
     def writelines(self, lines: Any) -> None:
         if self.transport is not None:
+            lines = list(lines)
+            self.written += sum(map(len, lines))
             self.transport.writelines(lines)
 
     def is_closing(self) -> bool:
@@ -283,6 +310,7 @@ class AiohttpEngine:
         self.flow = flow
         self.loop = loop
         self.tracker = ConnectionTracker.from_settings(loop, settings)
+        self.access_share = settings.access_log
         self.server = web.Server(
             self._handle,
             keepalive_timeout=settings.keepalive_timeout,
@@ -302,11 +330,13 @@ class AiohttpEngine:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         flow = self.flow
+        conn = request.transport
+        started = conn.read_at if type(conn) is _TrackedConnection else _clock()
         host = request.headers.get("Host")
         if (host is None and request.version >= (1, 1)) or (host is not None and not valid_host(host)):
             # RFC 9112 3.2; aiohttp itself refuses a second Host line.
             flow.refused(400)
-            response = _local_response(ERRORS[400])
+            response = self._counted(_local_response(ERRORS[400]), started)
             response.force_close()
             return response
         target = request.raw_path
@@ -323,22 +353,21 @@ class AiohttpEngine:
             forwarded = ",".join(lines)
             if not forwarded.isascii():  # as the target: raw bytes as latin-1 characters
                 forwarded = forwarded.encode("utf-8", "surrogateescape").decode("latin-1")
-        trace = headers.get("X-Cloud-Trace-Context")
         try:
             outcome = flow.respond(
                 request.method, path, query, forwarded, request.remote,
-                trace.encode("utf-8", "surrogateescape") if trace else None,
+                _facts(request) if self.access_share and _random() < self.access_share else None,
             )
             if type(outcome) is Decision:
-                response = _redirect(outcome.location)
+                response = self._counted(_redirect(outcome.location), started)
             elif type(outcome) is LocalAnswer:
-                response = _local_response(outcome)
+                response = self._counted(_local_response(outcome), started)
             else:
-                response = await self._after_check(request, outcome)
+                response = await self._after_check(request, outcome, started)
         except Exception:  # a bug, never the client's fault: log it, answer 503 (as httptools_impl)
             log.exception("request flow failed unexpectedly")
             flow.refused(503)
-            response = _local_response(UNAVAILABLE)
+            response = self._counted(_local_response(UNAVAILABLE), started)
         if self.tracker.closing:
             conn = request.transport
             # Shutting down: the last request aiohttp holds is answered with
@@ -347,7 +376,7 @@ class AiohttpEngine:
                 response.force_close()
         return response
 
-    async def _after_check(self, request: web.BaseRequest, pending: Any) -> web.Response:
+    async def _after_check(self, request: web.BaseRequest, pending: Any, started: float) -> _Answer:
         task = asyncio.current_task()
         assert task is not None
         self.tracker.track(task)
@@ -356,16 +385,37 @@ class AiohttpEngine:
             decision = await self.flow.respond_after_check(pending)
         finally:
             self.tracker.awaiting_check -= 1
-        if request.transport is not None:  # else the client has gone: nothing handed over, nothing counted
-            self.flow.delivered(pending, decision)
-        return _redirect(decision.location)
+        if request.transport is None:  # the client has gone: nothing handed over, nothing counted
+            return _redirect(decision.location)
+        self.flow.delivered(pending, decision)
+        return self._counted(_redirect(decision.location), started)
+
+    def _counted(self, response: _Answer, started: float) -> _Answer:
+        """`response` is the answer the flow decided last: counted with its latency once it is sent."""
+        flow = self.flow
+        response.answers, response.started = flow.last_answer, started
+        if flow.sampled is not None:
+            response.line, flow.sampled = flow.sampled, None
+        return response
 
     def response_sent(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        refused = type(response) is not _Answer or response.status == 400
-        if type(response) is not _Answer:
-            self.flow.refused(response.status)
+        flow = self.flow
         conn = request.transport
-        if type(conn) is _TrackedConnection:
+        tracked = type(conn) is _TrackedConnection
+        if type(response) is _Answer:
+            refused = response.status == 400
+            answers, started, line = response.answers, response.started, response.line
+        else:  # aiohttp's own refusal of what it could not parse
+            refused = True
+            flow.refused(response.status)
+            answers, started, line = flow.last_answer, conn.read_at if tracked else _clock(), None
+        if answers is not None:
+            took = _clock() - started
+            answers.append(took)
+            if line is not None:
+                line.emit(conn.written - conn.reported if tracked else 0, took)
+        if tracked:
+            conn.reported = conn.written
             conn.sent(not request.content.is_eof(), refused)
 
     def tick(self) -> None:
@@ -380,12 +430,24 @@ class AiohttpEngine:
         await self.tracker.shutdown(grace, self.server.shutdown)
 
 
-def _redirect(location: str) -> web.Response:
+def _facts(request: web.BaseRequest) -> RequestFacts:
+    """What an access line reads of the request, as the raw bytes the lean engine hands over."""
+    headers = request.headers
+    trace, agent = headers.get("X-Cloud-Trace-Context"), headers.get("User-Agent")
+    return RequestFacts(
+        # aiohttp decoded the bytes as UTF-8 with surrogate escapes: undone.
+        None if trace is None else trace.encode("utf-8", "surrogateescape"),
+        None if agent is None else agent.encode("utf-8", "surrogateescape"),
+        f"HTTP/{request.version.major}.{request.version.minor}",
+    )
+
+
+def _redirect(location: str) -> _Answer:
     # Content-Length said explicitly: aiohttp leaves it out of a bodiless HEAD answer.
     return _Answer(status=307, headers={"Location": location, "Content-Length": "0"})
 
 
-def _local_response(answer: LocalAnswer) -> web.Response:
+def _local_response(answer: LocalAnswer) -> _Answer:
     headers: dict[str, str] = dict(answer.headers)
     headers["Content-Length"] = str(len(answer.body))
     if answer.location is not None:

@@ -42,6 +42,22 @@ Guarantees kept here (docs/reliability.md lists the tests):
   logged and answered 503 UNAVAILABLE, counted, as on the aiohttp engine.
 - Deadlines (the header deadline covers every request's head and body) and
   the connection limit: connections.py.
+
+Answers are counted with their latency (`archeio_request_duration_seconds`,
+metrics.py), from the start of the read callback that received a
+request's last bytes to the write that hands its answer to the transport.
+Synchronous answers are written at the end of the callback that parsed
+them, so the clock is read twice a read, not twice a request: the
+callback's last answer (the usual case: its only one) is appended to the
+flow's `last_answer` after the write. Any other (an earlier one of a
+pipelined read, a queued, refused or checked request's) is counted by
+`_file` as it is rendered, in the same callback as its write, a few
+microseconds before it.
+
+With the access log on, the protocol is `_LoggingProtocol`, chosen at
+start-up: it samples requests for the access log and keeps the User-Agent
+and trace headers and the version for their lines, so the usual protocol
+compares no header it does not route by.
 """
 
 from __future__ import annotations
@@ -49,10 +65,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from random import random as _random
+from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from ..logs import RequestFacts
 from ..routing import Decision, LocalAnswer
 from .answers import ERRORS, UNAVAILABLE, http_date, reason
 from .connections import BUSY, IDLE, ConnectionTracker, Lingering
@@ -68,6 +87,7 @@ log = logging.getLogger("archeio.http")
 _METHODS = {b"GET": "GET", b"HEAD": "HEAD"}
 _XFF = b"x-forwarded-for"
 _TRACE = b"x-cloud-trace-context"
+_USER_AGENT = b"user-agent"
 _EXPECT = b"expect"
 _CONNECTION = b"connection"
 _HOST = b"host"
@@ -172,8 +192,9 @@ def _head_lines(answer: LocalAnswer) -> bytes:
     return b"".join(lines)
 
 
-# A parsed request: (method, raw target, X-Forwarded-For, mode, X-Cloud-Trace-Context).
-_Request = tuple[str, bytes, bytes | None, int, bytes | None]
+# A parsed request waiting in line: (method, raw target, X-Forwarded-For,
+# mode, the access line's facts, when the read that completed it began).
+_Request = tuple[str, bytes, bytes | None, int, RequestFacts | None, float]
 
 
 class HttpToolsProtocol(asyncio.Protocol):
@@ -181,8 +202,8 @@ class HttpToolsProtocol(asyncio.Protocol):
 
     __slots__ = (
         "state", "last_active", "_engine", "_flow", "_tracker", "_wire", "_targets", "_loop", "_transport",
-        "_parser", "_peer",
-        "_url", "_forwarded", "_trace", "_flags", "_header_bytes", "_refusal",
+        "_parser", "_peer", "_read_at",
+        "_url", "_forwarded", "_facts", "_flags", "_header_bytes", "_refusal",
         "_began_at", "_fed", "_fed_before", "_queue", "_waiting",
         "_input_closed", "_eof", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
         "_writing_paused", "_out", "_close_after_flush", "_linger_close", "_linger",
@@ -200,10 +221,11 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._peer: str | None = None
+        self._read_at = 0.0  # when the read callback that is parsing began
         # The request being parsed.
         self._url = b""
         self._forwarded: bytes | None = None
-        self._trace: bytes | None = None
+        self._facts: RequestFacts | None = None  # only with the access log on (_LoggingProtocol)
         self._flags = 0  # _KEEP_ALIVE_HEADER, _EXPECT_HEADER, _ANSWERED_EARLY, _HOST_HEADER, _IN_BODY
         self._header_bytes = 0
         self._refusal = 0  # the status of a refusal decided inside a parser callback
@@ -303,6 +325,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         if self._backlog:
             self._backlog += data
             return
+        self._read_at = started = _clock()
         self._answered = 0
         if len(data) > SLICE:
             self._feed(data)
@@ -315,6 +338,9 @@ class HttpToolsProtocol(asyncio.Protocol):
             transport = self._transport
             if transport is not None:
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
+                # The flow's last answer was given in this callback (or was
+                # counted already: then this is the discard list).
+                self._flow.last_answer.append(_clock() - started)
             out.clear()
             if self._close_after_flush:
                 self._flush()
@@ -357,6 +383,8 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._began_at = -1
         self._backlog = b""
         self._tracker.accepted(self)
+        if self._answered and not self._waiting:
+            self._file_given()  # an answer this turn gave: counted before the refusal takes the flow's last
         self._queue.append(status)
         self._drain()
         self._update_reading()
@@ -368,7 +396,7 @@ class HttpToolsProtocol(asyncio.Protocol):
             self._linger_close = True  # bytes after the request that closes: it may send more
             raise _StopParsing  # the rest of a read after a request answered early
         self._url = b""
-        self._forwarded = self._trace = None
+        self._forwarded = None
         self._flags = 0
         self._header_bytes = 0
         self._began_at = self._fed_before
@@ -398,9 +426,6 @@ class HttpToolsProtocol(asyncio.Protocol):
             if (name == b"X-Forwarded-For" or name.lower() == _XFF) and not self._flags & _IN_BODY:
                 # Repeated lines form one list, in order (RFC 9110 5.3).
                 self._forwarded = value if self._forwarded is None else self._forwarded + b"," + value
-        elif size == 21:
-            if name.lower() == _TRACE and not self._flags & _IN_BODY:
-                self._trace = value
         elif size == 10:
             if name.lower() == _CONNECTION and b"keep-alive" in value.lower():
                 self._flags |= _KEEP_ALIVE_HEADER
@@ -453,24 +478,38 @@ class HttpToolsProtocol(asyncio.Protocol):
             if self._answered or self._queue or self._waiting:
                 self._linger_close = True  # a pipelining client: more may be on its way
         method = _METHODS.get(self._parser.get_method(), "OTHER")
+        if self._queue or self._waiting or self._answered:
+            if self._behind(method, mode):
+                return
+        else:  # the first answer of this turn: the usual case
+            self._answered = 1
+        self._answer(method, self._url, self._forwarded, mode, self._facts)
+
+    def _behind(self, method: str, mode: int) -> bool:
+        """A request behind others of this turn, or behind a queue or a check: True if it waits in line."""
         if self._queue or self._waiting or self._answered >= BUDGET:
             if self.state != BUSY:
                 self._tracker.accepted(self)
-            self._queue.append((method, self._url, self._forwarded, mode, self._trace))
+            self._queue.append((method, self._url, self._forwarded, mode, self._facts, self._read_at))
             if not self._waiting:
                 self._schedule_turn()
-            return
+            return True
+        self._file_given()  # the answer before this one, given in this turn, is no longer the flow's last
         self._answered += 1
-        self._answer(method, self._url, self._forwarded, mode, self._trace)
+        return False
 
     # -- answering ----------------------------------------------------------------------
 
-    def _answer(self, method: str, url: bytes, forwarded: bytes | None, mode: int, trace: bytes | None) -> None:
+    def _answer(
+        self, method: str, url: bytes, forwarded: bytes | None, mode: int, facts: RequestFacts | None,
+        started: float | None = None,
+    ) -> None:
+        """Answer one request; `started`: when its read began, if not in this turn's read (a queued request)."""
         target = self._targets.get(url)
         if target is None:
             target = self._engine.split_target(url)
         try:
-            outcome = self._flow.respond(method, target[0], target[1], forwarded, self._peer, trace)
+            outcome = self._flow.respond(method, target[0], target[1], forwarded, self._peer, facts)
         except Exception:  # a bug, never the client's fault: log it, answer 503 (as aiohttp_impl)
             log.exception("request flow failed unexpectedly")
             self._flow.refused(503)
@@ -485,9 +524,9 @@ class HttpToolsProtocol(asyncio.Protocol):
             if self.state != BUSY:
                 self._tracker.accepted(self)
             self._tracker.awaiting_check += 1
-            self._tracker.track(self._loop.create_task(
-                self._answer_later(outcome, method == "HEAD", mode)  # type: ignore[arg-type]
-            ))
+            self._tracker.track(self._loop.create_task(self._answer_later(
+                outcome, method == "HEAD", mode, self._read_at if started is None else started,  # type: ignore[arg-type]
+            )))
             return
         self._out.append(response)
         if mode == CLOSE:
@@ -511,7 +550,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         elif not self._queue and not self._waiting:
             self._tracker.answered(self, self._began_at >= 0)
 
-    async def _answer_later(self, pending: PendingCheck, head: bool, mode: int) -> None:
+    async def _answer_later(self, pending: PendingCheck, head: bool, mode: int, started: float) -> None:
         flow = self._flow
         decision: Decision | None = None
         try:
@@ -529,9 +568,32 @@ class HttpToolsProtocol(asyncio.Protocol):
         else:
             flow.delivered(pending, decision)
             response = self._wire.decided(decision, mode)
+            self._write_sampled(len(response), started)
+        self._file(started)
         self._answered = 0
         self._respond(response, mode)
         self._pump()
+
+    # -- latency and access lines of answers not given the usual way ---------------------
+
+    def _file(self, started: float) -> None:
+        """Count the flow's last answer, rendered now and written in this callback; it is taken from the flow."""
+        flow = self._flow
+        flow.last_answer.append(_clock() - started)
+        flow.last_answer = flow.latency.discard
+
+    def _file_given(self) -> None:
+        """Count the answer this turn gave before, if it is still the flow's last (not counted yet)."""
+        if self._flow.last_answer is not self._flow.latency.discard:
+            self._file(self._read_at)
+
+    def _write_sampled(self, size: int, started: float) -> None:
+        """Write the access line the flow sampled for the answer just rendered, if it did."""
+        flow = self._flow
+        line = flow.sampled
+        if line is not None:
+            flow.sampled = None
+            line.emit(size, _clock() - started)
 
     def _schedule_turn(self) -> None:
         if not self._turn_scheduled:
@@ -549,7 +611,10 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._drain()
         if self._backlog and not self._waiting and len(self._queue) < MAX_QUEUED and self._answered < BUDGET:
             data, self._backlog = self._backlog, b""
-            self._feed(data)
+            answered = self._answered
+            self._feed(data)  # its requests began with the read that held them back (`_read_at`)
+            if self._answered > answered and not self._waiting:
+                self._file_given()  # the last answer the held input got, given just now
         self._flush()
         if self._eof and not (self._queue or self._waiting or self._backlog):
             self._close_after_flush = True  # half-closed and all answered: the end
@@ -566,9 +631,12 @@ class HttpToolsProtocol(asyncio.Protocol):
             self._answered += 1
             if type(item) is int:
                 self._flow.refused(item)
+                self._file(self._read_at)  # decided in the last read: nothing is read after a refusal
                 self._respond(self._wire.answer(ERRORS[item], False, CLOSE), CLOSE)
                 return
             self._answer(*item)  # type: ignore[misc]
+            if not self._waiting:
+                self._file(item[5])  # type: ignore[index]
 
     def _flush(self) -> None:
         out = self._out
@@ -600,6 +668,52 @@ class HttpToolsProtocol(asyncio.Protocol):
             transport.pause_reading()
 
 
+class _LoggingProtocol(HttpToolsProtocol):
+    """The protocol while the access log is on: it samples requests for it and keeps what their lines read.
+
+    A share ARCHEIO_ACCESS_LOG of requests is sampled when their head is
+    complete; for those the flow gets `RequestFacts`: User-Agent and
+    X-Cloud-Trace-Context (the first line of each, never a trailer) and the
+    HTTP version. The line the flow makes of it is written once its answer
+    is rendered.
+    """
+
+    __slots__ = ("_agent", "_trace", "_share")
+
+    def __init__(self, engine: HttpToolsEngine) -> None:
+        super().__init__(engine)
+        self._agent: bytes | None = None
+        self._trace: bytes | None = None
+        self._share = engine.access_share
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        HttpToolsProtocol.on_header(self, name, value)
+        if self._flags & _IN_BODY:
+            return
+        size = len(name)
+        if size == 10:
+            if self._agent is None and name.lower() == _USER_AGENT:
+                self._agent = value
+        elif size == 21 and self._trace is None and name.lower() == _TRACE:
+            self._trace = value
+
+    def on_headers_complete(self) -> None:
+        if _random() < self._share:
+            self._facts = RequestFacts(self._trace, self._agent, "HTTP/" + self._parser.get_http_version())
+        else:
+            self._facts = None
+        self._agent = self._trace = None
+        HttpToolsProtocol.on_headers_complete(self)
+
+    def _answer(
+        self, method: str, url: bytes, forwarded: bytes | None, mode: int, facts: RequestFacts | None,
+        started: float | None = None,
+    ) -> None:
+        HttpToolsProtocol._answer(self, method, url, forwarded, mode, facts, started)
+        if self._flow.sampled is not None:  # answered now (a checked answer's line is written after its check)
+            self._write_sampled(len(self._out[-1]), self._read_at if started is None else started)
+
+
 class HttpToolsEngine:
     """The public port served by `HttpToolsProtocol`."""
 
@@ -619,6 +733,9 @@ class HttpToolsEngine:
         # A request in progress (head, body and trailers together) may take
         # the head's limits plus the slice it began in.
         self.max_request_bytes = settings.max_request_line + settings.max_header_bytes + SLICE
+        # The access log's protocol only while it is on (chosen once, here).
+        self.access_share = settings.access_log
+        self.protocol: type[HttpToolsProtocol] = _LoggingProtocol if settings.access_log > 0 else HttpToolsProtocol
         self._server: asyncio.AbstractServer | None = None
 
     def split_target(self, url: bytes) -> tuple[str, str]:
@@ -635,7 +752,8 @@ class HttpToolsEngine:
         return path, query
 
     async def start(self, sock: Any) -> None:
-        self._server = await self.loop.create_server(lambda: HttpToolsProtocol(self), sock=sock)
+        protocol = self.protocol
+        self._server = await self.loop.create_server(lambda: protocol(self), sock=sock)
 
     def tick(self) -> None:
         self.now = self.loop.time()

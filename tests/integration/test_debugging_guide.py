@@ -115,10 +115,13 @@ def error_rows() -> dict[str, list[str]]:
 @pytest.fixture(scope="module", params=ENGINES)
 def refusing_archeio(request: pytest.FixtureRequest, workdir: Path, registry: Registry,
                      signature_registry: Registry, s3: S3Server, pause: Image) -> Iterator[Archeio]:
-    """archeio whose source answers through nginx: 403 for /forbidden/ and every blob, 429 for /limited/."""
+    """archeio whose source answers through nginx: 403 for /forbidden/ and every blob, 429 for /limited/.
+
+    The signature upstream is the same front: with one of its own, the signature fallback would send
+    what the front refuses there instead, and the refusal would never reach the client."""
     with services.refusing_front(workdir, registry, f"nginx-refusing-{request.param}") as front:
-        settings = archeio_settings(workdir, registry, signature_registry, s3,
-                                    UPSTREAM_REGISTRY_ENDPOINT=front.url, ARCHEIO_HTTP=request.param)
+        settings = archeio_settings(workdir, registry, signature_registry, s3, UPSTREAM_REGISTRY_ENDPOINT=front.url,
+                                    SIGNATURE_UPSTREAM_ENDPOINT=front.url, ARCHEIO_HTTP=request.param)
         with services.archeio_server(workdir, settings, name=f"archeio-refusing-{request.param}") as running:
             yield running
 

@@ -48,6 +48,8 @@ def concrete(row: Row, catalog: Catalog) -> str:
         "<manifest>": catalog.alpha.digest,
         "<layer>": catalog.alpha.layers[0].digest,
         "<sig>": images.signature_tag(catalog.alpha.digest),
+        "<sig-manifest>": catalog.signature.digest,
+        "<sig-layer>": catalog.signature.layers[0].digest,
     })
     path = path.replace("/pause/", "/alpha/").replace("/Pause/", "/Alpha/")
     return path + (f"?{row.query}" if row.query else "")
