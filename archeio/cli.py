@@ -6,6 +6,7 @@ error prints one line naming the variable and exits with status 2.
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything slow: a SIGHUP or SIGTERM during start-up is held
         # until the server can act on it, never fatal (signals.py).
         signals.hold()
+        # Start-up makes many objects and little garbage: the collector
+        # waits until the server serves (server.py), or the supervisor starts.
+        gc.disable()
     # A reader that leaves (`archeio settings | head`) ends the command
     # quietly. (`serve` imports iprange anyway, the supervisor included.)
     from iprange.pipes import run_quietly
@@ -132,6 +136,8 @@ def _main(argv: list[str]) -> int:
         from .server import run as serve  # everything in this process: no supervisor to import
     else:
         from .workers import serve
+
+        gc.enable()
 
     try:
         serve(settings)  # --workers N: N processes on the port, see workers.py

@@ -250,7 +250,7 @@ class Exporter:
 # Parts of a snapshot that only count up; a retired (dead) worker keeps these.
 _COUNTER_PARTS = (
     "requests", "latency", "blob_decisions", "checks", "check_latency", "reloads", "connections_closed",
-    "rate_forgotten",
+    "rate_forgotten", "loop",
 )
 
 
@@ -361,7 +361,41 @@ def collect(source: MetricsSource) -> Iterator[Family]:
     yield from _rate_limit(snaps, live)
     yield from _existence(snaps, live)
     yield from _ranges(snaps, live)
+    yield from _loop(snaps)
     yield from _processes(source, live)
+
+
+def _loop(snaps: list[Snapshot]) -> Iterator[Family]:
+    """Event-loop lag and GC pauses (loopstats.py), every worker together: where a latency tail comes from."""
+    from .loopstats import BUCKETS
+
+    lag = Family(
+        "archeio_event_loop_lag_seconds", "histogram", "How late a timer asked for every 10 ms ran: the time "
+        "the event loop was held by other work (answers of other connections, housekeeping, a collection).",
+    )
+    pauses = Family(
+        "archeio_gc_pause_seconds", "histogram", "Garbage collections of the serving processes and their "
+        "durations, by generation (the loop stops for each).", ("generation",),
+    )
+    lag_counts: list[int] | None = None
+    lag_sum = 0.0
+    gc_rows: dict[str, tuple[list[int], float]] = {}
+    for snap in snaps:
+        loop = snap.get("loop")
+        if not loop:
+            continue
+        counts, seconds, _ = loop["lag"]
+        lag_counts = list(counts) if lag_counts is None else [a + b for a, b in zip(lag_counts, counts, strict=True)]
+        lag_sum += seconds
+        for generation, (counts, seconds, _) in loop["gc"].items():
+            before = gc_rows.get(generation)
+            gc_rows[generation] = (list(counts), seconds) if before is None else (
+                [a + b for a, b in zip(before[0], counts, strict=True)], before[1] + seconds)
+    if lag_counts is not None:
+        lag.add_histogram((), lag_counts, lag_sum, BUCKETS)
+    for generation, (counts, seconds) in sorted(gc_rows.items()):
+        pauses.add_histogram((generation,), counts, seconds, BUCKETS)
+    yield from (lag, pauses)
 
 
 def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:
