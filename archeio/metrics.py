@@ -96,10 +96,10 @@ class RequestLatency:
     transport. On the hot path that is one append: the flow names the
     answer's list (`answers(key)`, its `last_answer`), the engine appends
     the seconds the answer took (how they are measured is the engines' to
-    say: docs/operations.md). `fold`, once a second and before every read,
+    say: docs/operations.md). `fold`, every 50 ms (server.py) and before every read,
     turns the lists into counts per bucket and sums: each list is sorted
     (floats compare cheaply in C) and cut at the bucket bounds, so the lists
-    hold at most about a second of answers.
+    hold at most about 50 ms of answers, and a fold holds the loop briefly.
     """
 
     def __init__(self) -> None:
