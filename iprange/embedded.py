@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .index import CloudIndex, mapped
+from .index import CloudIndex
 from .parse import AWS, AZURE, GCP, CompiledPrefixes, ProviderRanges, RangeFileError
 
 _PACKAGE = "cloudip"
@@ -47,7 +47,7 @@ def _keep(cloud: str, entry: dict[str, object]) -> bool:
 
 
 # Bump when the compiled form changes shape.
-_COMPILED_VERSION = 3
+_COMPILED_VERSION = 4
 
 
 def cache_dir() -> Path:
@@ -104,21 +104,16 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
 
 
 def _compiled(provider: ProviderRanges) -> dict[str, object]:
-    """The compiled form of a provider: region -> [IPv4, IPv6, IPv4-mapped IPv6] prefixes joined by
+    """The compiled form of a provider: region -> [IPv4, IPv6] prefixes joined by
     spaces, each prefix once (its first region, as the index keeps it)."""
     seen: set[str] = set()
-    grouped: dict[str, tuple[list[str], list[str], list[str]]] = {}
+    grouped: dict[str, tuple[list[str], list[str]]] = {}
     for prefix, region in provider.prefixes:
         if prefix in seen:
             continue
         seen.add(prefix)
-        v4, v6, in_mapped = grouped.setdefault(region, ([], [], []))
-        if ":" in prefix:
-            v6.append(prefix)
-        else:
-            v4.append(prefix)
-            address, _, length = prefix.partition("/")
-            in_mapped.append(mapped(address, length))
+        v4, v6 = grouped.setdefault(region, ([], []))
+        (v6 if ":" in prefix else v4).append(prefix)
     return {
         "cloud": provider.cloud, "serial": provider.serial, "date": provider.date, "count": len(seen),
         "regions": {region: [" ".join(part) for part in parts] for region, parts in grouped.items()},

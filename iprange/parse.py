@@ -37,8 +37,7 @@ class RangeFileError(ValueError):
 class CompiledPrefixes(Sequence[tuple[str, str]]):
     """`(prefix, region)` pairs kept as the compiled embedded data holds them.
 
-    region -> (IPv4 prefixes, IPv6 prefixes, the IPv4 prefixes' IPv4-mapped
-    IPv6 forms), each joined by spaces: `CloudIndex` inserts them as they
+    region -> (IPv4 prefixes, IPv6 prefixes), each joined by spaces: `CloudIndex` inserts them as they
     are, without a string operation per prefix, which is most of a start's
     index build. The pairs themselves are made only when someone iterates.
     """
@@ -53,7 +52,7 @@ class CompiledPrefixes(Sequence[tuple[str, str]]):
         return self.count
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        for region, (v4, v6, _mapped) in self.regions.items():
+        for region, (v4, v6) in self.regions.items():
             for prefix in v4.split():
                 yield prefix, region
             for prefix in v6.split():
