@@ -12,13 +12,15 @@ variable; the command line turns it into exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import argparse  # the command line's: a server started from the environment parses no flags
 
 INFO_URL = "https://github.com/kubernetes/registry.k8s.io"
 PRIVACY_URL = "https://www.linuxfoundation.org/privacy-policy/"

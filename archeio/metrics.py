@@ -24,7 +24,6 @@ each worker and of the supervisor) carry a `worker` label.
 
 from __future__ import annotations
 
-import datetime
 import os
 import resource
 import sys
@@ -164,6 +163,8 @@ def published_timestamp(serial: str) -> float | None:
     `2026-07-29T07:05:53.849365` (both UTC); Azure's changeNumber is a
     plain counter and carries no date.
     """
+    import datetime  # not at start-up: the first snapshot imports it
+
     for layout in ("%Y-%m-%d-%H-%M-%S", "%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S"):
         try:
             parsed = datetime.datetime.strptime(serial, layout)

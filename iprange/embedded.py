@@ -8,15 +8,18 @@ the three clouds the router knows.
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .index import CloudIndex
 from .parse import AWS, AZURE, GCP, CompiledPrefixes, ProviderRanges, RangeFileError
+
+if TYPE_CHECKING:
+    import datetime
 
 _PACKAGE = "cloudip"
 _DATA_FILE = Path("data") / "cloudip.msgpack.gz"
@@ -161,6 +164,8 @@ def read_embedded(path: Path | None = None) -> EmbeddedData:
         if cloud is None or not region or not _keep(cloud, entry):
             continue
         entries.append((cloud, entry["cidr"], region, entry.get("s")))
+    import datetime  # a start that reads the compiled form never gets here
+
     return EmbeddedData(tuple(entries), version, datetime.datetime.fromtimestamp(build_time, datetime.UTC))
 
 
