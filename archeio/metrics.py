@@ -119,12 +119,14 @@ class RequestLatency:
     def observe(self, key: AnswerKey, seconds: float) -> None:
         self.answers(key).append(seconds)
 
-    def fold(self) -> None:
-        """Count what was appended since the last fold."""
+    def fold(self) -> int:
+        """Count what was appended since the last fold; how many answers that was."""
         self.discard.clear()
+        folded = 0
         for key, latencies in self.pending.items():
             if not latencies:
                 continue
+            folded += len(latencies)
             row = self.rows.get(key)
             if row is None:
                 row = self.rows[key] = [0] * REQUEST_ROW
@@ -137,6 +139,7 @@ class RequestLatency:
             row[len(REQUEST_BUCKETS)] += len(latencies) - below
             row[-1] += sum(latencies)
             latencies.clear()
+        return folded
 
     def counts(self) -> dict[AnswerKey, int]:
         """Answers counted so far, by key."""
@@ -371,7 +374,7 @@ def _loop(snaps: list[Snapshot]) -> Iterator[Family]:
     from .loopstats import BUCKETS
 
     lag = Family(
-        "archeio_event_loop_lag_seconds", "histogram", "How late a timer asked for every 10 ms ran: the time "
+        "archeio_event_loop_lag_seconds", "histogram", "How late a timer asked for every 50 ms ran: the time "
         "the event loop was held by other work (answers of other connections, housekeeping, a collection).",
     )
     pauses = Family(

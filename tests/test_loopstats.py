@@ -86,3 +86,26 @@ def test_lag_and_pauses_of_every_worker_are_summed_into_histograms() -> None:
     assert value("archeio_gc_pause_seconds_count", generation="2") == 3
     assert value("archeio_gc_pause_seconds_bucket", generation="2", le="0.025") == 0
     assert value("archeio_gc_pause_seconds_bucket", generation="2", le="0.05") == 3
+
+
+async def test_the_chore_given_runs_at_every_tick_while_it_has_work() -> None:
+    ran: list[float] = []
+    stats = LoopStats(asyncio.get_running_loop(), interval=0.005, also=lambda: ran.append(time.monotonic()) or 1)
+    stats.start()
+    try:
+        await asyncio.sleep(0.05)
+    finally:
+        stats.stop()
+    assert len(ran) == stats.lag.count >= 3
+
+
+async def test_ticks_slow_down_while_the_chore_finds_nothing_to_do() -> None:
+    work = [1, 1, 0, 0, 0]
+    stats = LoopStats(asyncio.get_running_loop(), interval=0.005, idle_interval=10.0,
+                      also=lambda: work.pop(0) if work else 0)
+    stats.start()
+    try:
+        await asyncio.sleep(0.1)  # busy ticks 5 ms apart, then the first idle one waits 10 s
+    finally:
+        stats.stop()
+    assert stats.lag.count == 3 and work == [0, 0]
