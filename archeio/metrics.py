@@ -374,8 +374,9 @@ def _loop(snaps: list[Snapshot]) -> Iterator[Family]:
     from .loopstats import BUCKETS
 
     lag = Family(
-        "archeio_event_loop_lag_seconds", "histogram", "How late a timer ran (every 50 ms while serving, every second when idle): the time "
-        "the event loop was held by other work (answers of other connections, housekeeping, a collection).",
+        "archeio_event_loop_lag_seconds", "histogram", "How late a timer ran (every 50 ms while serving, "
+        "every second when idle): the time the event loop was held by other work (answers of other "
+        "connections, housekeeping, a collection).",
     )
     pauses = Family(
         "archeio_gc_pause_seconds", "histogram", "Garbage collections of the serving processes and their "
