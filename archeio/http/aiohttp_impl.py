@@ -86,8 +86,11 @@ class _Answer(web.Response):
 class _TrackedConnection(asyncio.Protocol):
     """One client connection: the socket's protocol, and the transport aiohttp's handler sees."""
 
+    # `write`, `is_closing` and `get_extra_info` are the transport's own (C)
+    # methods while it is open, so aiohttp's writer calls them without a
+    # Python frame of ours between; `_closed` swaps them when closing starts.
     __slots__ = ("state", "last_active", "engine", "tracker", "inner", "transport", "answered", "partial", "eof",
-                 "closing", "linger", "suspect", "made", "read_at", "written", "reported")
+                 "closing", "linger", "suspect", "made", "read_at", "write", "is_closing", "get_extra_info")
 
     def __init__(self, engine: AiohttpEngine) -> None:
         self.state = IDLE
@@ -107,8 +110,7 @@ class _TrackedConnection(asyncio.Protocol):
         self.suspect = False
         self.made = False
         self.read_at = 0.0  # when the last read began
-        self.written = 0  # bytes aiohttp wrote
-        self.reported = 0  # of them, those of responses reported sent
+        self.write = self.is_closing = self.get_extra_info = None  # type: ignore[assignment]
 
     # -- the socket's side ---------------------------------------------------------
 
@@ -119,6 +121,9 @@ class _TrackedConnection(asyncio.Protocol):
             self.transport = None
             return
         self.made = True
+        self.write = transport.write  # type: ignore[attr-defined]
+        self.is_closing = transport.is_closing
+        self.get_extra_info = transport.get_extra_info
         self.inner.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
@@ -167,6 +172,8 @@ class _TrackedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.tracker.remove(self)
         self.transport = None
+        self._closed()
+        self.get_extra_info = _no_extra_info
         if self.made:
             self.inner.connection_lost(exc)
 
@@ -195,6 +202,7 @@ class _TrackedConnection(asyncio.Protocol):
 
     def close_now(self, reason: str) -> None:
         self.linger = None
+        self._closed()
         if self.transport is not None:
             log.debug("closing connection: %s", reason)
             self.transport.close()
@@ -212,7 +220,7 @@ class _TrackedConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.linger is not None:
             return
-        self.closing = True
+        self._closed()
         if linger and not self.eof:
             self.linger = Lingering(self, self.tracker, transport)
         else:  # nothing more is coming: it shut its side, or sent one last request and waits
@@ -221,19 +229,15 @@ class _TrackedConnection(asyncio.Protocol):
 
     # -- aiohttp's side: the transport it writes to -----------------------------------
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.written += len(data)
-            self.transport.write(data)
+    def _closed(self) -> None:
+        """From now on aiohttp sees a closing transport that writes nothing (our closing, or the socket's end)."""
+        self.closing = True
+        self.write = _discard
+        self.is_closing = _closing
 
     def writelines(self, lines: Any) -> None:
-        if self.transport is not None:
-            lines = list(lines)
-            self.written += sum(map(len, lines))
+        if not self.closing and self.transport is not None:
             self.transport.writelines(lines)
-
-    def is_closing(self) -> bool:
-        return self.closing or self.transport is None or self.transport.is_closing()
 
     def close(self) -> None:
         """aiohttp closes the connection: after its last answer, or on an error."""
@@ -241,11 +245,7 @@ class _TrackedConnection(asyncio.Protocol):
             self._end(linger=self.suspect or self.partial or self.inner._request_count > self.answered)
 
     def abort(self) -> None:
-        self.closing = True
         self.close_now("aborted by aiohttp")
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.transport.get_extra_info(name, default) if self.transport is not None else default
 
     def pause_reading(self) -> None:
         if self.transport is not None and self.linger is None:
@@ -267,6 +267,18 @@ class _TrackedConnection(asyncio.Protocol):
 
     def can_write_eof(self) -> bool:
         return False  # ours to do, when closing
+
+
+def _discard(data: bytes) -> None:
+    """The write of a closing connection: aiohttp checks `is_closing` first, so nothing arrives here."""
+
+
+def _closing() -> bool:
+    return True
+
+
+def _no_extra_info(name: str, default: Any = None) -> Any:
+    return default
 
 
 class _ClientErrors(logging.Filter):
@@ -413,9 +425,9 @@ class AiohttpEngine:
             took = _clock() - started
             answers.append(took)
             if line is not None:
-                line.emit(conn.written - conn.reported if tracked else 0, took)
+                # What aiohttp's writer of this response wrote: head and body.
+                line.emit(response.body_length, took)
         if tracked:
-            conn.reported = conn.written
             conn.sent(not request.content.is_eof(), refused)
 
     def tick(self) -> None:
