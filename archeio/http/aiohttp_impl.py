@@ -56,11 +56,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
 
 from ..logs import AccessLine, RequestFacts
 from ..routing import Decision, LocalAnswer
 from .answers import ERRORS, UNAVAILABLE
-from .connections import IDLE, ConnectionTracker, Lingering
+from .connections import BUSY, IDLE, ConnectionTracker, Lingering
+from .hosts import GOOD as GOOD_HOSTS
 from .hosts import valid_host
 
 if TYPE_CHECKING:
@@ -75,12 +78,14 @@ class _Answer(web.Response):
 
     It carries what is done once it is sent: the list its latency is
     appended to, which counts it (None: not counted, its client had gone),
-    when its request was complete, and its sampled access line.
+    when its request was complete, its sampled access line, and its
+    connection (None: aiohttp's server runs without ours, in tests).
     """
 
     answers: list[float] | None = None
     started = 0.0
     line: AccessLine | None = None
+    conn: _TrackedConnection | None = None
 
 
 class _TrackedConnection(asyncio.Protocol):
@@ -90,7 +95,7 @@ class _TrackedConnection(asyncio.Protocol):
     # methods while it is open, so aiohttp's writer calls them without a
     # Python frame of ours between; `_closed` swaps them when closing starts.
     __slots__ = ("state", "last_active", "engine", "tracker", "inner", "transport", "answered", "partial", "eof",
-                 "closing", "linger", "suspect", "made", "read_at", "write", "is_closing", "get_extra_info")
+                 "closing", "linger", "suspect", "made", "read_at", "peer", "write", "is_closing", "get_extra_info")
 
     def __init__(self, engine: AiohttpEngine) -> None:
         self.state = IDLE
@@ -110,6 +115,7 @@ class _TrackedConnection(asyncio.Protocol):
         self.suspect = False
         self.made = False
         self.read_at = 0.0  # when the last read began
+        self.peer: str | None | bool = False  # `request.remote`, once read (False: not yet)
         self.write = self.is_closing = self.get_extra_info = None  # type: ignore[assignment]
 
     # -- the socket's side ---------------------------------------------------------
@@ -127,10 +133,9 @@ class _TrackedConnection(asyncio.Protocol):
         self.inner.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.linger is not None:
-            self.linger.received(len(data))
-            return
         if self.closing:
+            if self.linger is not None:
+                self.linger.received(len(data))
             return
         self.read_at = _clock()
         inner = self.inner
@@ -156,7 +161,11 @@ class _TrackedConnection(asyncio.Protocol):
         if self.transport is None:
             return
         if inner._request_count > self.answered:
-            self.tracker.accepted(self)
+            if self.state == IDLE:  # tracker.accepted(self), inline for a kept-alive connection's next request
+                self.tracker.idle_leave(self)
+                self.state = BUSY
+            else:
+                self.tracker.accepted(self)
         elif self.state == IDLE and self.partial:
             self.tracker.reading(self)
 
@@ -184,7 +193,10 @@ class _TrackedConnection(asyncio.Protocol):
         self.inner.resume_writing()
 
     def sent(self, body_pending: bool, refused: bool) -> None:
-        """aiohttp has handed a response to the transport; `body_pending`: its request's body is not all here."""
+        """aiohttp has handed a response to the transport; `body_pending`: its request's body is not all here.
+
+        (`AiohttpEngine.response_sent` does this inline for its own answers.)
+        """
         self.answered += 1
         if refused or body_pending:
             self.suspect = True
@@ -301,10 +313,18 @@ _server_log.addFilter(_ClientErrors())
 
 def _access_hook(engine: AiohttpEngine) -> type[AbstractAccessLogger]:
     class ResponseSent(AbstractAccessLogger):
-        """aiohttp calls this once per response it sent: our refusals and state hook."""
+        """aiohttp calls `log` once per response it sent: our refusals and state hook.
+
+        `log` is the engine's `response_sent` itself, an attribute of the
+        instance: aiohttp calls it with no frame of ours between.
+        """
+
+        def __init__(self, logger: logging.Logger, log_format: str) -> None:
+            super().__init__(logger, log_format)
+            self.log = engine.response_sent  # type: ignore[method-assign]
 
         def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-            engine.response_sent(request, response)
+            engine.response_sent(request, response, time)
 
         @property
         def enabled(self) -> bool:
@@ -322,6 +342,7 @@ class AiohttpEngine:
         self.flow = flow
         self.loop = loop
         self.tracker = ConnectionTracker.from_settings(loop, settings)
+        self._time = loop.time
         self.access_share = settings.access_log
         self.server = web.Server(
             self._handle,
@@ -342,53 +363,65 @@ class AiohttpEngine:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         flow = self.flow
-        conn = request.transport
-        started = conn.read_at if type(conn) is _TrackedConnection else _clock()
-        host = request.headers.get("Host")
-        if (host is None and request.version >= (1, 1)) or (host is not None and not valid_host(host)):
+        # The request's fields as aiohttp parsed them (its properties would
+        # each cost a Python call), and the connection, ours unless a test
+        # runs aiohttp's server alone.
+        message = request._message
+        conn = request._protocol.transport
+        if type(conn) is _TrackedConnection:
+            started = conn.read_at
+            peer = conn.peer
+            if peer is False:
+                peer = conn.peer = request.remote
+        else:
+            conn, started, peer = None, _clock(), request.remote
+        headers = message.headers
+        host = headers.get("Host")
+        if (host is None and message.version >= (1, 1)) or (
+                host is not None and host not in GOOD_HOSTS and not valid_host(host)):
             # RFC 9112 3.2; aiohttp itself refuses a second Host line.
             flow.refused(400)
-            response = self._counted(_local_response(ERRORS[400]), started)
+            response = self._counted(_local_response(ERRORS[400], message.method), started, conn)
             response.force_close()
             return response
-        target = request.raw_path
+        target = message.path
         if not target.isascii():
             # aiohttp decodes the target as UTF-8 with surrogate escapes; the
             # flow reads raw bytes as latin-1 characters, as the lean engine
             # hands them over.
             target = target.encode("utf-8", "surrogateescape").decode("latin-1")
         path, _, query = target.partition("?")
-        headers = request.headers
         lines = headers.getall("X-Forwarded-For", None)
         forwarded = None
         if lines:
             forwarded = ",".join(lines)
             if not forwarded.isascii():  # as the target: raw bytes as latin-1 characters
                 forwarded = forwarded.encode("utf-8", "surrogateescape").decode("latin-1")
+        method = message.method
         try:
             outcome = flow.respond(
-                request.method, path, query, forwarded, request.remote,
-                _facts(request) if self.access_share and _random() < self.access_share else None,
+                method, path, query, forwarded, peer,
+                _facts(message) if self.access_share and _random() < self.access_share else None,
             )
             if type(outcome) is Decision:
-                response = self._counted(_redirect(outcome.location), started)
+                response = self._counted(_redirect(outcome.location, method), started, conn)
             elif type(outcome) is LocalAnswer:
-                response = self._counted(_local_response(outcome), started)
+                response = self._counted(_local_response(outcome, method), started, conn)
             else:
-                response = await self._after_check(request, outcome, started)
+                response = await self._after_check(request, outcome, started, conn)
         except Exception:  # a bug, never the client's fault: log it, answer 503 (as httptools_impl)
             log.exception("request flow failed unexpectedly")
             flow.refused(503)
-            response = self._counted(_local_response(UNAVAILABLE), started)
+            response = self._counted(_local_response(UNAVAILABLE, method), started, conn)
         if self.tracker.closing:
-            conn = request.transport
             # Shutting down: the last request aiohttp holds is answered with
             # `Connection: close` (aiohttp would drop the ones queued after it).
-            if type(conn) is not _TrackedConnection or conn.inner._request_count <= conn.answered + 1:
+            if conn is None or conn.inner._request_count <= conn.answered + 1:
                 response.force_close()
         return response
 
-    async def _after_check(self, request: web.BaseRequest, pending: Any, started: float) -> _Answer:
+    async def _after_check(self, request: web.BaseRequest, pending: Any, started: float,
+                           conn: _TrackedConnection | None) -> _Answer:
         task = asyncio.current_task()
         assert task is not None
         self.tracker.track(task)
@@ -397,38 +430,63 @@ class AiohttpEngine:
             decision = await self.flow.respond_after_check(pending)
         finally:
             self.tracker.awaiting_check -= 1
+        method = request._message.method
         if request.transport is None:  # the client has gone: nothing handed over, nothing counted
-            return _redirect(decision.location)
+            return _redirect(decision.location, method)
         self.flow.delivered(pending, decision)
-        return self._counted(_redirect(decision.location), started)
+        return self._counted(_redirect(decision.location, method), started, conn)
 
-    def _counted(self, response: _Answer, started: float) -> _Answer:
+    def _counted(self, response: _Answer, started: float, conn: _TrackedConnection | None) -> _Answer:
         """`response` is the answer the flow decided last: counted with its latency once it is sent."""
         flow = self.flow
-        response.answers, response.started = flow.last_answer, started
+        response.answers, response.started, response.conn = flow.last_answer, started, conn
         if flow.sampled is not None:
             response.line, flow.sampled = flow.sampled, None
         return response
 
-    def response_sent(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        flow = self.flow
-        conn = request.transport
-        tracked = type(conn) is _TrackedConnection
+    def response_sent(self, request: web.BaseRequest, response: web.StreamResponse, time: float = 0.0) -> None:
+        """aiohttp has handed `response` to the transport (its access logger's `log`): count it, move the state."""
         if type(response) is _Answer:
-            refused = response.status == 400
-            answers, started, line = response.answers, response.started, response.line
-        else:  # aiohttp's own refusal of what it could not parse
-            refused = True
-            flow.refused(response.status)
-            answers, started, line = flow.last_answer, conn.read_at if tracked else _clock(), None
-        if answers is not None:
-            took = _clock() - started
-            answers.append(took)
-            if line is not None:
-                # What aiohttp's writer of this response wrote: head and body.
-                line.emit(response.body_length, took)
+            answers = response.answers
+            if answers is not None:
+                took = _clock() - response.started
+                answers.append(took)
+                if response.line is not None:
+                    # What aiohttp's writer of this response wrote: head and body.
+                    response.line.emit(response.body_length, took)
+            conn = response.conn
+            if conn is None:
+                return
+            payload = request._payload
+            body_pending = payload is not EMPTY_PAYLOAD and not payload.is_eof()
+            # conn.sent(body_pending, refused), inline; a kept-alive
+            # connection's state BUSY -> IDLE as tracker.answered makes it.
+            conn.answered += 1
+            if body_pending or response._status == 400:
+                conn.suspect = True
+            if conn.closing or conn.transport is None:
+                return
+            if conn.inner._request_count > conn.answered:
+                return  # still BUSY: more parsed requests wait for their answers
+            tracker = self.tracker
+            if conn.eof:
+                conn._end(linger=False)  # half-closed and all answered: the end
+            elif conn.state == BUSY and not (conn.partial or body_pending or tracker.closing):
+                conn.state = IDLE
+                conn.last_active = self._time()
+                tracker.idle_join(conn, None)
+            else:
+                # A body still arriving keeps the header deadline running, as a head does.
+                tracker.answered(conn, conn.partial or body_pending)
+            return
+        # aiohttp's own refusal of what it could not parse
+        flow = self.flow
+        flow.refused(response.status)
+        transport = request.transport
+        tracked = type(transport) is _TrackedConnection
+        flow.last_answer.append(_clock() - (transport.read_at if tracked else _clock()))  # type: ignore[union-attr]
         if tracked:
-            conn.sent(not request.content.is_eof(), refused)
+            transport.sent(not request.content.is_eof(), True)  # type: ignore[union-attr]
 
     def tick(self) -> None:
         self.tracker.sweep()
@@ -442,24 +500,24 @@ class AiohttpEngine:
         await self.tracker.shutdown(grace, self.server.shutdown)
 
 
-def _facts(request: web.BaseRequest) -> RequestFacts:
+def _facts(message: RawRequestMessage) -> RequestFacts:
     """What an access line reads of the request, as the raw bytes the lean engine hands over."""
-    headers = request.headers
+    headers = message.headers
     trace, agent = headers.get("X-Cloud-Trace-Context"), headers.get("User-Agent")
     return RequestFacts(
         # aiohttp decoded the bytes as UTF-8 with surrogate escapes: undone.
         None if trace is None else trace.encode("utf-8", "surrogateescape"),
         None if agent is None else agent.encode("utf-8", "surrogateescape"),
-        f"HTTP/{request.version.major}.{request.version.minor}",
+        f"HTTP/{message.version.major}.{message.version.minor}",
     )
 
 
-def _redirect(location: str) -> _Answer:
+def _redirect(location: str, method: str) -> _Answer:
     # Content-Length said explicitly: aiohttp leaves it out of a bodiless HEAD answer.
     return _Answer(status=307, headers={"Location": location, "Content-Length": "0"})
 
 
-def _local_response(answer: LocalAnswer) -> _Answer:
+def _local_response(answer: LocalAnswer, method: str) -> _Answer:
     headers: dict[str, str] = dict(answer.headers)
     headers["Content-Length"] = str(len(answer.body))
     if answer.location is not None:
