@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from archeio.http.aiohttp_impl import _Answer
 
@@ -21,7 +22,7 @@ CASES = [
 def test_answer_has_every_field_aiohttp_gives_the_same_response(
     status: int, headers: dict[str, str], body: bytes | None,
 ) -> None:
-    ours = _Answer(status, headers, body)
+    ours = _Answer(status, CIMultiDict(headers), body)
     theirs = web.Response(status=status, headers=headers, body=body)
     fields = {name: getattr(ours, name) for name in vars(theirs)}
     assert fields == vars(theirs)

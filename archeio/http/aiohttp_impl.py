@@ -64,7 +64,7 @@ from multidict import CIMultiDict
 
 from ..logs import AccessLine, RequestFacts
 from ..routing import Decision, LocalAnswer
-from .answers import ERRORS, UNAVAILABLE
+from .answers import ERRORS, UNAVAILABLE, http_date
 from .connections import BUSY, IDLE, ConnectionTracker, Lingering
 from .hosts import GOOD as GOOD_HOSTS
 from .hosts import valid_host
@@ -74,6 +74,10 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 log = logging.getLogger("archeio.http")
+
+# Redirect headers kept at most (as the lean engine's rendered redirects): a
+# flood of distinct decisions empties the table, no more.
+_MAX_REDIRECTS = 4096
 
 
 class _Answer(web.Response):
@@ -92,14 +96,15 @@ class _Answer(web.Response):
     _zlib_executor_size = MAX_SYNC_CHUNK_SIZE
     _zlib_executor = None
 
-    def __init__(self, status: int, headers: dict[str, str], body: bytes | None = None) -> None:
+    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes | None = None) -> None:
         # What `web.Response(status=, headers=, body=)` leaves for a bytes body
         # (or none) and neither text nor a content type, without its checks of
         # how those combine: that constructor was a fifth of aiohttp's own
         # work for a redirect. tests/test_aiohttp_answers.py compares the two
         # field by field, so an aiohttp that builds responses otherwise fails it.
+        # `headers` becomes the response's own: aiohttp adds to them.
         self._state = {}
-        self._headers = CIMultiDict(headers)
+        self._headers = headers
         self._status = status
         self._reason = REASON_PHRASES.get(status, "")
         self._body = body
@@ -360,6 +365,11 @@ class AiohttpEngine:
         self.loop = loop
         self.tracker = ConnectionTracker.from_settings(loop, settings)
         self._time = loop.time
+        # Decision -> its 307's headers, Date included (aiohttp then adds no
+        # Date of its own), kept until `tick` changes the Date: the flow hands
+        # out the same decision for the same route and mirror.
+        self._date = http_date()
+        self._redirects: dict[Decision, CIMultiDict[str]] = {}
         self.access_share = settings.access_log
         self.server = web.Server(
             self._handle,
@@ -420,7 +430,10 @@ class AiohttpEngine:
                 _facts(message) if self.access_share and _random() < self.access_share else None,
             )
             if type(outcome) is Decision:  # self._counted(_redirect(outcome.location), ...), inline
-                response = _Answer(307, {"Location": outcome.location, "Content-Length": "0"})
+                headers = self._redirects.get(outcome)
+                if headers is None:
+                    headers = self._redirect_headers(outcome)
+                response = _Answer(307, headers.copy())
                 response.answers, response.started, response.conn = flow.last_answer, started, conn
                 if flow.sampled is not None:
                     response.line, flow.sampled = flow.sampled, None
@@ -453,6 +466,13 @@ class AiohttpEngine:
             return _redirect(decision.location)
         self.flow.delivered(pending, decision)
         return self._counted(_redirect(decision.location), started, conn)
+
+    def _redirect_headers(self, decision: Decision) -> CIMultiDict[str]:
+        if len(self._redirects) >= _MAX_REDIRECTS:
+            self._redirects.clear()
+        headers = self._redirects[decision] = _redirect(decision.location)._headers
+        headers["Date"] = self._date
+        return headers
 
     def _counted(self, response: _Answer, started: float, conn: _TrackedConnection | None) -> _Answer:
         """`response` is the answer the flow decided last: counted with its latency once it is sent."""
@@ -507,6 +527,9 @@ class AiohttpEngine:
             transport.sent(not request.content.is_eof(), True)  # type: ignore[union-attr]
 
     def tick(self) -> None:
+        """Once a second: a new Date for the redirects, and the tracker's deadlines."""
+        self._date = http_date()
+        self._redirects.clear()
         self.tracker.sweep()
 
     def stop_accepting(self) -> None:
@@ -534,7 +557,7 @@ def _redirect(location: str) -> _Answer:
     # Content-Length said explicitly: aiohttp leaves it out of a bodiless HEAD
     # answer. (Leaving it to aiohttp for a GET measured more work, not less:
     # its own path reads the status through a property.)
-    return _Answer(307, {"Location": location, "Content-Length": "0"})
+    return _Answer(307, CIMultiDict(Location=location, **{"Content-Length": "0"}))
 
 
 def _local_response(answer: LocalAnswer) -> _Answer:
@@ -544,4 +567,4 @@ def _local_response(answer: LocalAnswer) -> _Answer:
         headers["Location"] = answer.location
     if answer.content_type is not None:
         headers["Content-Type"] = answer.content_type
-    return _Answer(answer.status, headers, answer.body)
+    return _Answer(answer.status, CIMultiDict(headers), answer.body)
