@@ -435,6 +435,9 @@ class AiohttpEngine:
                     headers = self._redirect_headers(outcome)
                 response = _Answer(307, headers.copy())
                 response.answers, response.started, response.conn = flow.last_answer, started, conn
+                # What aiohttp would ask of `request.keep_alive` (a property
+                # call) when it prepares the response; `force_close` overrides it.
+                response._keep_alive = not message.should_close
                 if flow.sampled is not None:
                     response.line, flow.sampled = flow.sampled, None
             elif type(outcome) is LocalAnswer:
