@@ -42,7 +42,7 @@ called our handler (the read that completed it, unless the client sent
 more behind it), and ends when aiohttp reports the response sent (its
 access-logger hook runs once the response is written to the transport).
 The bytes an access line reports are those aiohttp wrote for that
-response, counted at the transport.
+response (head and body), as its writer of that response counted them.
 """
 
 from __future__ import annotations
