@@ -6,6 +6,7 @@ error prints one line naming the variable and exits with status 2.
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         from .config import add_arguments
 
         add_arguments(serve)
+    if command == "serve":
+        return parser  # the other commands' parsers are a start's needless work
     commands.add_parser("settings", help="print the table of every setting (Markdown)")
     mirror = commands.add_parser("mirror", help="copy blobs from a registry into S3 buckets")
     if command in (None, "mirror"):
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         # Before anything slow: a SIGHUP or SIGTERM during start-up is held
         # until the server can act on it, never fatal (signals.py).
         signals.hold()
+        # Start-up makes many objects and little garbage: the collector
+        # waits until the server serves (server.py), or the supervisor starts.
+        gc.disable()
     # A reader that leaves (`archeio settings | head`) ends the command
     # quietly. (`serve` imports iprange anyway, the supervisor included.)
     from iprange.pipes import run_quietly
@@ -86,28 +92,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = _parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
     from .config import ConfigError, load_settings, settings_table
 
-    if args.command == "settings":
+    if argv == ["serve"]:
+        # The usual production start, settings from the environment alone:
+        # no flag to parse, so no parser is built (a few percent of a start).
+        command, overrides = "serve", {}
+    else:
+        args = _parser(argv[0] if argv[:1] and argv[0] in COMMANDS else None).parse_args(argv)
+        command, overrides = args.command, vars(args)
+
+    if command == "settings":
         print(settings_table())
         return 0
-    if args.command == "mirror":
+    if command == "mirror":
         from .mirror.cli import run as run_mirror
 
         return run_mirror(args)
-    if args.command == "explain":
+    if command == "explain":
         from .explain import run as run_explain
 
         return run_explain(args)
-    if args.command == "hosts":
+    if command == "hosts":
         from .hosts import run as run_hosts
 
         return run_hosts(args)
     from .logs import setup_logging
 
     try:
-        settings = load_settings(overrides=vars(args))
+        settings = load_settings(overrides=overrides)
     except ConfigError as exc:
         print(f"archeio: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -119,7 +132,12 @@ def _main(argv: list[str]) -> int:
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     from iprange import RangeFileError
 
-    from .workers import serve
+    if settings.workers == 1:
+        from .server import run as serve  # everything in this process: no supervisor to import
+    else:
+        from .workers import serve
+
+        gc.enable()
 
     try:
         serve(settings)  # --workers N: N processes on the port, see workers.py

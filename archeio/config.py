@@ -12,14 +12,15 @@ variable; the command line turns it into exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import argparse  # the command line's: a server started from the environment parses no flags
 
 INFO_URL = "https://github.com/kubernetes/registry.k8s.io"
 PRIVACY_URL = "https://www.linuxfoundation.org/privacy-policy/"
@@ -373,6 +374,8 @@ def parse_mirrors(text: str) -> Mirrors:
     under another name could never match a client, and its cloud's ranges
     are required at start (providers.py).
     """
+    import tomllib  # only for a mirrors file: the built-in table is JSON (start-up cost)
+
     from iprange.parse import FILE_NAMES
 
     doc = tomllib.loads(text)
@@ -398,9 +401,16 @@ def parse_mirrors(text: str) -> Mirrors:
 
 
 def builtin_mirrors() -> Mirrors:
-    """Upstream's built-in AWS region -> bucket table, shipped as data."""
-    text = (Path(__file__).parent / "data" / "aws-mirrors.toml").read_text()
-    return parse_mirrors(text)
+    """Upstream's built-in AWS region -> bucket table, shipped as data (archeio/data/aws-mirrors.json).
+
+    JSON, and not checked URL by URL at each start: reading it as TOML and
+    checking every URL was a twentieth of a start's work. A test checks the
+    table as `parse_mirrors` would check a mirrors file.
+    """
+    import json
+
+    doc = json.loads((Path(__file__).parent / "data" / "aws-mirrors.json").read_bytes())
+    return Mirrors({cloud: dict(regions) for cloud, regions in doc["mirrors"].items()})
 
 
 @dataclass(frozen=True)

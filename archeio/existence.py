@@ -457,6 +457,11 @@ class BlobExistenceCache:
         return False
 
 
+def client_imported() -> bool:
+    """Has aiohttp's client been imported (by `warm_client` or a first HEAD)?"""
+    return _client_imported.is_set()
+
+
 def warm_client() -> None:
     """Import aiohttp's client in a thread, so the first HEAD does not wait for it."""
     threading.Thread(target=_import_client, name="archeio-warm-client", daemon=True).start()

@@ -24,7 +24,6 @@ each worker and of the supervisor) carry a `worker` label.
 
 from __future__ import annotations
 
-import datetime
 import os
 import resource
 import sys
@@ -96,10 +95,10 @@ class RequestLatency:
     transport. On the hot path that is one append: the flow names the
     answer's list (`answers(key)`, its `last_answer`), the engine appends
     the seconds the answer took (how they are measured is the engines' to
-    say: docs/operations.md). `fold`, once a second and before every read,
+    say: docs/operations.md). `fold`, every 50 ms (server.py) and before every read,
     turns the lists into counts per bucket and sums: each list is sorted
     (floats compare cheaply in C) and cut at the bucket bounds, so the lists
-    hold at most about a second of answers.
+    hold at most about 50 ms of answers, and a fold holds the loop briefly.
     """
 
     def __init__(self) -> None:
@@ -120,12 +119,14 @@ class RequestLatency:
     def observe(self, key: AnswerKey, seconds: float) -> None:
         self.answers(key).append(seconds)
 
-    def fold(self) -> None:
-        """Count what was appended since the last fold."""
+    def fold(self) -> int:
+        """Count what was appended since the last fold; how many answers that was."""
         self.discard.clear()
+        folded = 0
         for key, latencies in self.pending.items():
             if not latencies:
                 continue
+            folded += len(latencies)
             row = self.rows.get(key)
             if row is None:
                 row = self.rows[key] = [0] * REQUEST_ROW
@@ -138,6 +139,7 @@ class RequestLatency:
             row[len(REQUEST_BUCKETS)] += len(latencies) - below
             row[-1] += sum(latencies)
             latencies.clear()
+        return folded
 
     def counts(self) -> dict[AnswerKey, int]:
         """Answers counted so far, by key."""
@@ -164,6 +166,8 @@ def published_timestamp(serial: str) -> float | None:
     `2026-07-29T07:05:53.849365` (both UTC); Azure's changeNumber is a
     plain counter and carries no date.
     """
+    import datetime  # not at start-up: the first snapshot imports it
+
     for layout in ("%Y-%m-%d-%H-%M-%S", "%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S"):
         try:
             parsed = datetime.datetime.strptime(serial, layout)
@@ -250,7 +254,7 @@ class Exporter:
 # Parts of a snapshot that only count up; a retired (dead) worker keeps these.
 _COUNTER_PARTS = (
     "requests", "latency", "blob_decisions", "checks", "check_latency", "reloads", "connections_closed",
-    "rate_forgotten",
+    "rate_forgotten", "loop",
 )
 
 
@@ -361,7 +365,42 @@ def collect(source: MetricsSource) -> Iterator[Family]:
     yield from _rate_limit(snaps, live)
     yield from _existence(snaps, live)
     yield from _ranges(snaps, live)
+    yield from _loop(snaps)
     yield from _processes(source, live)
+
+
+def _loop(snaps: list[Snapshot]) -> Iterator[Family]:
+    """Event-loop lag and GC pauses (loopstats.py), every worker together: where a latency tail comes from."""
+    from .loopstats import BUCKETS
+
+    lag = Family(
+        "archeio_event_loop_lag_seconds", "histogram", "How late a timer ran (every 50 ms while serving, "
+        "every second when idle): the time the event loop was held by other work (answers of other "
+        "connections, housekeeping, a collection).",
+    )
+    pauses = Family(
+        "archeio_gc_pause_seconds", "histogram", "Garbage collections of the serving processes and their "
+        "durations, by generation (the loop stops for each).", ("generation",),
+    )
+    lag_counts: list[int] | None = None
+    lag_sum = 0.0
+    gc_rows: dict[str, tuple[list[int], float]] = {}
+    for snap in snaps:
+        loop = snap.get("loop")
+        if not loop:
+            continue
+        counts, seconds, _ = loop["lag"]
+        lag_counts = list(counts) if lag_counts is None else [a + b for a, b in zip(lag_counts, counts, strict=True)]
+        lag_sum += seconds
+        for generation, (counts, seconds, _) in loop["gc"].items():
+            before = gc_rows.get(generation)
+            gc_rows[generation] = (list(counts), seconds) if before is None else (
+                [a + b for a, b in zip(before[0], counts, strict=True)], before[1] + seconds)
+    if lag_counts is not None:
+        lag.add_histogram((), lag_counts, lag_sum, BUCKETS)
+    for generation, (counts, seconds) in sorted(gc_rows.items()):
+        pauses.add_histogram((generation,), counts, seconds, BUCKETS)
+    yield from (lag, pauses)
 
 
 def _requests(snaps: list[Snapshot], live: list[Snapshot]) -> Iterator[Family]:

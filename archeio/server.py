@@ -17,6 +17,7 @@ of another.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -30,8 +31,9 @@ from . import signals
 from .admin import start_admin
 from .app import RequestFlow, make_flow
 from .config import Settings
-from .existence import BlobExistenceCache, warm_client
+from .existence import BlobExistenceCache, client_imported, warm_client
 from .http import Engine, make_engine
+from .loopstats import LoopStats, freeze_after_start
 from .metrics import CheckLatency, Exporter, Snapshot, build_info, published_timestamp
 from .providers import expected_providers, missing_providers, required_providers, with_prefixes
 from .reload import RangeReloader
@@ -48,13 +50,19 @@ class Server:
     `admin` serves the admin port from this process (a single-process
     server); a worker of several instead hands its snapshot to `report`
     every second, and the supervisor serves the admin port (workers.py).
+
+    `manage_gc` is for a process that only serves (the command line's and a
+    worker's, not a test's): the collector stays off while it starts, and
+    what start-up made is frozen out of its reach once it serves
+    (loopstats.py).
     """
 
     def __init__(
         self, settings: Settings, grace: float | None = None, *, admin: bool = False,
-        worker: str = "0", report: Callable[[Snapshot], None] | None = None,
+        worker: str = "0", report: Callable[[Snapshot], None] | None = None, manage_gc: bool = False,
     ) -> None:
         self.settings = settings
+        self.manage_gc = manage_gc
         self.grace = settings.grace_period if grace is None else grace
         self.admin = admin
         self.report = report
@@ -91,6 +99,8 @@ class Server:
     async def run(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        if self.manage_gc:
+            gc.disable()  # start-up makes many objects and no garbage: no collection walks them meanwhile
         settings = self.settings
         index = load_index(settings.ranges_dir)
         problem = missing_providers(settings, with_prefixes(index.prefix_counts))
@@ -109,6 +119,13 @@ class Server:
             flow, settings.ranges_dir, settings.ranges_max_loss, reloads, required_providers(settings)
         )
         self._export(flow, engine, cache, latency, reloader, reloads)
+        # The answers' latencies are folded into their histogram at each of its
+        # ticks (every 50 ms): a fold sorts what was appended since the last,
+        # about 0.15 us an answer, with the loop held meanwhile: a quarter of a
+        # millisecond at 35,000 answers a second, where a fold once a second
+        # held the loop 5 ms (and 12-30 ms at 70,000).
+        stats = LoopStats(loop, also=flow.latency.fold)
+        self.exporter.provide("loop", stats.snapshot)
         await engine.start(sock)
         self.port = sock.getsockname()[1]
         # What each signal did before: restored at the end, so a signal held
@@ -127,6 +144,9 @@ class Server:
                 "startup_seconds": round(time.monotonic() - started, 3),
             }},
         )
+        if self.manage_gc:
+            freeze_after_start()
+        stats.start()
         # Signals that came in while starting are acted on now.
         if signals.take(signal.SIGTERM):
             self.stopping.set()
@@ -155,6 +175,7 @@ class Server:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            stats.stop()
             await reloader.close()
             await cache.close()
             if admin is not None:
@@ -203,11 +224,14 @@ class Server:
             self.report(self.exporter.snapshot())
 
     async def _housekeeping(self, engine: Engine) -> None:
+        frozen_again = not self.manage_gc
         while True:
             await asyncio.sleep(1.0)
             engine.tick()
-            if self.flow is not None:
-                self.flow.latency.fold()  # the latencies of the last second: the lists stay short
+            if not frozen_again and client_imported():
+                # The HEAD client's modules, imported beside the first requests: frozen too.
+                gc.freeze()
+                frozen_again = True
             self._report()
 
 
@@ -215,4 +239,4 @@ def run(settings: Settings) -> None:
     """Serve in this one process, admin port included, until SIGTERM/SIGINT, on uvloop."""
     import uvloop
 
-    uvloop.run(Server(settings, admin=True).run())
+    uvloop.run(Server(settings, admin=True, manage_gc=True).run())

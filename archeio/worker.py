@@ -86,7 +86,7 @@ def main() -> None:
     name, report_fd = sys.argv[1], int(sys.argv[2])
     settings = read_settings()
     setup_logging(settings.log_level, settings.access_log > 0)
-    server = Server(settings, worker=name)
+    server = Server(settings, worker=name, manage_gc=True)
     import uvloop
 
     try:

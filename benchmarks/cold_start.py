@@ -54,6 +54,7 @@ from harness import (
     machine_line,
     pinned,
     start_bucket,
+    tree_env,
 )
 
 V2_FLOOR_MS = 300.0
@@ -85,7 +86,8 @@ def first_answer(port: int, path: str, headers: dict[str, str], started: float,
     raise RuntimeError(f"no answer on port {port} {path} within {START_TIMEOUT} s")
 
 
-def one_start(env: dict[str, str], cpus: str | None, log: Path, expected_blob: str) -> dict[str, float]:
+def one_start(env: dict[str, str], cpus: str | None, log: Path, expected_blob: str,
+              tree: Path | None = None) -> dict[str, float]:
     port, admin_port = free_port(), free_port()
     full_env = {**env, "PORT": str(port), "ARCHEIO_ADMIN_PORT": str(admin_port)}
     answers: dict[str, tuple[float, int, str | None]] = {}
@@ -103,7 +105,8 @@ def one_start(env: dict[str, str], cpus: str | None, log: Path, expected_blob: s
         threading.Thread(target=poll, args=("readyz_ms", admin_port, "/readyz", {})),
     ]
     started = time.perf_counter()
-    server = Process("archeio", pinned(cpus, archeio_command()), full_env, log=log, cwd=SERVER_CWD)
+    server = Process("archeio", pinned(cpus, archeio_command(tree)), {**full_env, **tree_env(tree)}, log=log,
+                     cwd=SERVER_CWD)
     try:
         for poller in pollers:
             poller.start()
@@ -165,6 +168,15 @@ def render_markdown(result: dict[str, Any]) -> str:
     for name in FIGURES:
         figure = result["summary"][name]
         lines.append(f"| {labels[name]} | {figure['median']} | {figure['min']} | {figure['max']} |")
+    if "against" in result:
+        other = result["against"]
+        lines += ["", f"Against `{other['tree']}` (its starts alternating with these, same interpreter):", "",
+                  "| figure | median there | min | max | ratio of medians (this / there) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for name in FIGURES:
+            figure = other["summary"][name]
+            lines.append(f"| {labels[name]} | {figure['median']} | {figure['min']} | {figure['max']} | "
+                         f"{other['ratio'][name]} |")
     lines += ["", f"First start, compiled index cache cold: {result['cache_cold_start']}.", "",
               *floors_table(result["floors"])]
     return "\n".join(lines) + "\n"
@@ -178,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="record this run as the baseline the blob and /readyz floors compare with")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the result files")
+    parser.add_argument("--against", type=Path, metavar="TREE",
+                        help="another checkout (the code before a change): its starts alternate with these, "
+                        "with the same interpreter, and the ratio of the medians is reported")
     args = parser.parse_args(argv)
 
     pin = can_pin() and not args.no_pin
@@ -196,20 +211,35 @@ def main(argv: list[str] | None = None) -> int:
                    "ARCHEIO_CACHE_DIR": str(tmp / "cache"), "DEFAULT_AWS_BASE_URL": mirror,
                    "ARCHEIO_LOG_LEVEL": "warning"}
             env.pop("ARCHEIO_HTTP", None)  # the default engine
+            env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: the first start leaves the bytecode
             expected = f"{mirror}/containers/images/{DIGEST}"
             cold = one_start(env, server_cpus, tmp / "start-0.log", expected)
             print(f"  first start (index cache cold): {cold}")
-            starts = []
+            # The other tree has a cache directory of its own: its cache format may differ.
+            other_env = {**env, "ARCHEIO_CACHE_DIR": str(tmp / "cache-against")}
+            if args.against is not None:
+                print(f"  first start of {args.against}: "
+                      f"{one_start(other_env, server_cpus, tmp / 'against-0.log', expected, args.against)}")
+            starts, against = [], []
             for n in range(1, args.starts + 1):
                 heads = sum(bucket_counts(bucket_port).values())
                 starts.append(one_start(env, server_cpus, tmp / f"start-{n}.log", expected))
                 if sum(bucket_counts(bucket_port).values()) <= heads:
                     raise RuntimeError("the blob was answered without a HEAD to the mirror")
                 print(f"  start {n}: {starts[-1]}")
+                if args.against is not None:
+                    against.append(one_start(other_env, server_cpus, tmp / f"against-{n}.log", expected,
+                                             args.against))
+                    print(f"  start {n} of {args.against}: {against[-1]}")
     summary = summarise(starts)
     baseline_file = args.results / "cold-start-baseline.json"
     result: dict[str, Any] = {"machine": info, "layout": layout, "cache_cold_start": cold, "starts": starts,
                               "summary": summary}
+    if against:
+        other = summarise(against)
+        result["against"] = {"tree": str(args.against), "starts": against, "summary": other,
+                             "ratio": {name: round(summary[name]["median"] / other[name]["median"], 3)
+                                       for name in FIGURES}}
     args.results.mkdir(parents=True, exist_ok=True)
     if args.save_baseline:
         baseline_file.write_text(json.dumps(result, indent=2) + "\n")

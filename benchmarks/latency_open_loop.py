@@ -191,6 +191,7 @@ class Target:
     pid: int
     requests_file: Path
     locations_file: Path | None  # None: statuses only (nginx answers every request alike)
+    admin_port: int | None = None  # archeio's: its loop lag and GC pauses are read around each step
 
 
 @dataclass(frozen=True)
@@ -410,6 +411,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{_cell(s.get('uncorrected_p50_ms'))} / {_cell(s.get('uncorrected_p99_ms'))} / "
             f"{_cell(s.get('uncorrected_p999_ms'))} | {_cell(s.get('server_cpu_us_per_request'))} | "
             f"{_cell(s.get('generator_cpu_share'))} | {driven} | {wrong} |")
+    looped = [s for s in result["steps"] if s.get("loop")]
+    if looped:
+        lines += ["", "The server's event loop during each step (its admin port: archeio_event_loop_lag_seconds, "
+                  "a timer's lateness sampled every 50 ms, and archeio_gc_pause_seconds):", ""]
+        lines += [f"- {s['share']}%, {s['rate']:,} req/s: {s['loop']}" for s in looped]
     if result["not_attempted"]:
         lines += ["", *(f"- {share}% = {rate:,} req/s: not attempted, {why}"
                         for share, rate, why in result["not_attempted"])]
@@ -434,6 +440,51 @@ def history_row(result: dict[str, Any]) -> dict[str, object]:
     return row
 
 
+# The server's own view of a step (archeio's admin port, loopstats.py): how often its event loop
+# was held how long, and its garbage collections. Buckets in seconds, as exported.
+_LOOP_FAMILIES = ("archeio_event_loop_lag_seconds", "archeio_gc_pause_seconds")
+
+
+def loop_figures(admin_port: int | None) -> dict[str, float] | None:
+    """Cumulative lag and GC-pause counts and sums from /metrics; None without them (an older server)."""
+    if admin_port is None:
+        return None
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{admin_port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    found: dict[str, float] = {}
+    for family in _LOOP_FAMILIES:
+        for match in re.finditer(rf'^{family}_(bucket|count|sum)(?:{{([^}}]*)}})? (\S+)$', text, re.M):
+            found[f"{family}_{match[1]}{{{match[2] or ''}}}"] = float(match[3])
+    return found or None
+
+
+def loop_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, Any]:
+    """What the step added: lag samples over 1, 5 and 25 ms and their share; collections and their time."""
+    if not before or not after:
+        return {}
+    d = {key: after[key] - before.get(key, 0.0) for key in after}
+    lag = "archeio_event_loop_lag_seconds"
+    samples = d.get(f"{lag}_count{{}}", 0.0)
+    over = {}
+    for bound in ("0.001", "0.005", "0.025"):
+        within = d.get(f'{lag}_bucket{{le="{bound}"}}', 0.0)
+        over[bound] = samples - within
+    gcs = {g: (d.get(f'archeio_gc_pause_seconds_count{{generation="{g}"}}', 0.0),
+               d.get(f'archeio_gc_pause_seconds_sum{{generation="{g}"}}', 0.0)) for g in "012"}
+    text = (f"lag samples {samples:.0f}, over 1/5/25 ms {over['0.001']:.0f}/{over['0.005']:.0f}/"
+            f"{over['0.025']:.0f}, mean {1e3 * d.get(f'{lag}_sum{{}}', 0.0) / max(samples, 1):.2f} ms; GC "
+            + ", ".join(f"gen{g} {n:.0f} ({1e3 * t:.1f} ms)" for g, (n, t) in gcs.items()))
+    return {"loop": text, "lag_samples": samples, "lag_over_1ms": over["0.001"], "lag_over_5ms": over["0.005"],
+            "gc_collections": {g: n for g, (n, _) in gcs.items()},
+            "gc_seconds": {g: round(t, 4) for g, (_, t) in gcs.items()}}
+
+
 def drive_open_loop(generator: Generator, targets: list[Target], capacity: dict[str, dict[str, Any]],
                     shares: list[int], seconds: int) -> list[dict[str, Any]]:
     """wrk2 at each share of archeio's capacity, every target at the same absolute rate."""
@@ -441,14 +492,17 @@ def drive_open_loop(generator: Generator, targets: list[Target], capacity: dict[
     for share in shares:
         rate = max(1, round(capacity["archeio"]["rps"] * share / 100))
         for target in targets:
+            before = loop_figures(target.admin_port)
             step = run_wrk(generator, target, rate, seconds + calibration_seconds(generator.connections,
                                                                                   generator.threads))
             step["share"] = share
+            step.update(loop_delta(before, loop_figures(target.admin_port)))
             steps.append(step)
             print(f"  {target.name:<8} {share}% = {rate:>6} req/s: achieved {step['achieved_rps']:.0f}, p50 "
                   f"{step['p50_ms']} ms, p99 {step['p99_ms']} ms, p99.9 {step['p999_ms']} ms (uncorrected p99 "
                   f"{step['uncorrected_p99_ms']} ms), server {step['server_cpu_us_per_request']} us/req, "
                   f"wrk2 CPU {step['generator_cpu_share']}"
+                  + (f", server loop: {step['loop']}" if step.get("loop") else "")
                   + ("" if step["driven"] else "  <- wrk2 could not drive this rate")
                   + (f"  problems: {step['problems']}" if step["problems"] else ""))
     return steps
@@ -499,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", default=DEFAULT_ENGINE, help="archeio's HTTP engine (ARCHEIO_HTTP; default: "
                         "the server's own default)")
     parser.add_argument("--no-baseline", action="store_true", help="skip nginx at the same rates")
+    parser.add_argument("--tree", type=Path, metavar="PATH",
+                        help="serve another checkout's code (the code before a change) with this interpreter")
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and the generator to separate CPUs")
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
@@ -541,8 +597,11 @@ def main(argv: list[str] | None = None) -> int:
         env.update({**EMBEDDED_RANGES, "ARCHEIO_LOG_LEVEL": "warning", "BENCH_MISSING_SHARE": "0.05",
                     **engine_settings(args.http)})
         archeio_mix, nginx_mix, locations = write_mix(env, tmp, MIX_REQUESTS, seed=1)
-        server = stack.enter_context(start_archeio(env, port, server_cpus, log=tmp / "archeio.log"))
-        targets = [Target("archeio", port, server.pid, archeio_mix, locations)]
+        admin_port = free_port()
+        server = stack.enter_context(start_archeio({**env, "ARCHEIO_ADMIN_PORT": str(admin_port),
+                                                    "ARCHEIO_ADMIN_HOST": LOOPBACK},
+                                                   port, server_cpus, log=tmp / "archeio.log", tree=args.tree))
+        targets = [Target("archeio", port, server.pid, archeio_mix, locations, admin_port)]
         if not args.no_baseline:
             nginx = stack.enter_context(start_nginx(tmp, nginx_port, f"http://{LOOPBACK}:{bucket_port}/cdn",
                                                     server_cpus))
@@ -562,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "machine": info, "layout": layout, "engine": args.http, "ranges": "embedded", "mode": mode,
+        "tree": str(args.tree) if args.tree else None,
         "generator": (f"wrk2 -t{args.threads} -c{args.connections} (wrk2_mix.lua)" if wrk2 else
                       f"Locust's paced users at {args.user_rate:g} req/s each (locustfile.py); capacity: wrk "
                       f"-t{args.threads} -c{args.connections} (wrk2_mix.lua)"),

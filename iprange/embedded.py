@@ -8,15 +8,18 @@ the three clouds the router knows.
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .index import CloudIndex
-from .parse import AWS, AZURE, GCP, ProviderRanges, RangeFileError
+from .parse import AWS, AZURE, GCP, CompiledPrefixes, ProviderRanges, RangeFileError
+
+if TYPE_CHECKING:
+    import datetime
 
 _PACKAGE = "cloudip"
 _DATA_FILE = Path("data") / "cloudip.msgpack.gz"
@@ -47,7 +50,7 @@ def _keep(cloud: str, entry: dict[str, object]) -> bool:
 
 
 # Bump when the compiled form changes shape.
-_COMPILED_VERSION = 2
+_COMPILED_VERSION = 4
 
 
 def cache_dir() -> Path:
@@ -79,9 +82,7 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
         doc = json.loads(compiled.read_bytes())
         return [
             ProviderRanges(
-                p["cloud"],
-                tuple((prefix, region) for region, joined in p["regions"].items() for prefix in joined.split()),
-                p["serial"], p["date"], checked=True,
+                p["cloud"], CompiledPrefixes(p["regions"], p["count"]), p["serial"], p["date"], checked=True,
             )
             for p in doc
         ]
@@ -97,10 +98,7 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
             # of a prefix, as the index keeps it), grouped by region and
             # joined with spaces: the fastest form to read back.
             CloudIndex(providers)
-            json.dump([
-                {"cloud": p.cloud, "serial": p.serial, "date": p.date, "regions": _by_region(p.prefixes)}
-                for p in providers
-            ], out)
+            json.dump([_compiled(p) for p in providers], out)
         os.chmod(out.name, 0o644)  # an image built as root is run as another user
         os.replace(out.name, compiled)
     except OSError:
@@ -108,15 +106,21 @@ def load_embedded(path: Path | None = None) -> list[ProviderRanges]:
     return providers
 
 
-def _by_region(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """region -> its prefixes joined by spaces, each prefix once (its first region)."""
+def _compiled(provider: ProviderRanges) -> dict[str, object]:
+    """The compiled form of a provider: region -> [IPv4, IPv6] prefixes joined by
+    spaces, each prefix once (its first region, as the index keeps it)."""
     seen: set[str] = set()
-    grouped: dict[str, list[str]] = {}
-    for prefix, region in pairs:
-        if prefix not in seen:
-            seen.add(prefix)
-            grouped.setdefault(region, []).append(prefix)
-    return {region: " ".join(prefixes) for region, prefixes in grouped.items()}
+    grouped: dict[str, tuple[list[str], list[str]]] = {}
+    for prefix, region in provider.prefixes:
+        if prefix in seen:
+            continue
+        seen.add(prefix)
+        v4, v6 = grouped.setdefault(region, ([], []))
+        (v6 if ":" in prefix else v4).append(prefix)
+    return {
+        "cloud": provider.cloud, "serial": provider.serial, "date": provider.date, "count": len(seen),
+        "regions": {region: [" ".join(part) for part in parts] for region, parts in grouped.items()},
+    }
 
 
 # One kept entry of the embedded database: (cloud, prefix, region, service), the service as
@@ -160,6 +164,8 @@ def read_embedded(path: Path | None = None) -> EmbeddedData:
         if cloud is None or not region or not _keep(cloud, entry):
             continue
         entries.append((cloud, entry["cidr"], region, entry.get("s")))
+    import datetime  # a start that reads the compiled form never gets here
+
     return EmbeddedData(tuple(entries), version, datetime.datetime.fromtimestamp(build_time, datetime.UTC))
 
 

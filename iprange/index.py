@@ -1,10 +1,14 @@
 """Longest-prefix index from IP address to (cloud, region).
 
 Two radix trees (pytricia), one per address family: pytricia does not key
-IPv4 and IPv6 safely in one tree. The IPv6 tree also holds every IPv4
-prefix in its IPv4-mapped form (::ffff:a.b.c.d/96+n), so an IPv4-mapped
-address, however spelled, is one lookup like any other; it costs the
-index about 11 ms more to build and 2 MB more to hold. Values are shared `Placement` tuples, one
+IPv4 and IPv6 safely in one tree, nor does it read an IPv4-mapped IPv6
+address (::ffff:a.b.c.d) as the IPv4 address it is. A mapped address as a
+dual-stack socket reports it (`::ffff:` and the dotted address) is looked
+up in the IPv4 tree by its IPv4 part, at the cost of one string test; any
+other spelling of one is recognised after the IPv6 tree finds nothing
+(the clouds publish no prefix under ::ffff:0:0/96) and parsed off the hot
+path. (The IPv6 tree used to hold every IPv4 prefix in its mapped form as
+well: 6 ms of every start and 2 MB.) Values are shared `Placement` tuples, one
 object per (cloud, region), so the index holds no per-prefix garbage and
 callers may use a placement as a dictionary key.
 
@@ -20,7 +24,7 @@ from typing import NamedTuple
 
 import pytricia
 
-from .parse import ProviderRanges, RangeFileError
+from .parse import CompiledPrefixes, ProviderRanges, RangeFileError
 
 
 class Placement(NamedTuple):
@@ -29,13 +33,6 @@ class Placement(NamedTuple):
     cloud: str
     region: str
 
-
-def _mapped(address: str, length: str) -> str:
-    """An IPv4 prefix as the IPv6 prefix of its IPv4-mapped addresses (::ffff:0:0/96)."""
-    return "::ffff:" + address + "/" + _MAPPED_LENGTHS[length]
-
-
-_MAPPED_LENGTHS = {str(n): str(96 + n) for n in range(33)}
 
 
 class InvalidAddress(ValueError):
@@ -77,30 +74,25 @@ class CloudIndex:
                     if not tree.has_key(prefix):
                         tree[prefix] = placement
                         count += 1
-                        if not is_v6:
-                            self._v6[_mapped(address, length)] = placement
                 except (ValueError, KeyError, SystemError) as exc:
                     raise RangeFileError(f"{provider.cloud}: bad prefix {prefix!r}") from exc
             self.prefix_counts[provider.cloud] = count
 
     def _add_checked(self, provider: ProviderRanges, placements: dict[tuple[str, str], Placement]) -> int:
-        """Insert prefixes already checked and listed once, grouped by region: no checks."""
+        """Insert the compiled embedded data's prefixes: already checked, listed once, grouped by region."""
+        prefixes = provider.prefixes
+        assert isinstance(prefixes, CompiledPrefixes)
         v4, v6 = self._v4, self._v6
-        region = placement = None
-        for prefix, prefix_region in provider.prefixes:
-            if prefix_region is not region:
-                region = prefix_region
-                key = (provider.cloud, region)
-                placement = placements.get(key)
-                if placement is None:
-                    placement = placements[key] = Placement(*key)
-            if ":" in prefix:
-                v6[prefix] = placement
-            else:
+        for region, (in_v4, in_v6) in prefixes.regions.items():
+            key = (provider.cloud, region)
+            placement = placements.get(key)
+            if placement is None:
+                placement = placements[key] = Placement(*key)
+            for prefix in in_v4.split():
                 v4[prefix] = placement
-                address, _, length = prefix.partition("/")
-                v6[_mapped(address, length)] = placement
-        return len(provider.prefixes)
+            for prefix in in_v6.split():
+                v6[prefix] = placement
+        return len(prefixes)
 
     def __len__(self) -> int:
         return sum(self.prefix_counts.values())
@@ -116,10 +108,14 @@ class CloudIndex:
                 if "/" not in address:
                     return self._v4_get(address)  # type: ignore[no-any-return]
             elif "/" not in address and "%" not in address:
-                # IPv4-mapped addresses (::ffff:a.b.c.d, as dual-stack
-                # sockets report IPv4 peers, in any spelling) are found here
-                # too: every IPv4 prefix is in this tree as its mapped form.
-                return self._v6_get(address)  # type: ignore[no-any-return]
+                if address.startswith("::ffff:") and "." in address:
+                    # An IPv4 peer of a dual-stack socket: its IPv4 address.
+                    return self._v4_get(address[7:])  # type: ignore[no-any-return]
+                found = self._v6_get(address)
+                # No cloud publishes a prefix under ::ffff:0:0/96: only another
+                # spelling of a mapped address needs the slow path's parse.
+                if found is not None or "ffff" not in address.lower():
+                    return found  # type: ignore[no-any-return]
         except ValueError:
             pass
         return self._lookup_unusual(address)

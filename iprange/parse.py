@@ -13,6 +13,7 @@ are dropped because two entries for the same prefix (AWS lists `AMAZON` and
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,19 +34,47 @@ class RangeFileError(ValueError):
     """A range document that cannot be used (not JSON, wrong shape)."""
 
 
+class CompiledPrefixes(Sequence[tuple[str, str]]):
+    """`(prefix, region)` pairs kept as the compiled embedded data holds them.
+
+    region -> (IPv4 prefixes, IPv6 prefixes), each joined by spaces: `CloudIndex` inserts them as they
+    are, without a string operation per prefix, which is most of a start's
+    index build. The pairs themselves are made only when someone iterates.
+    """
+
+    __slots__ = ("regions", "count")
+
+    def __init__(self, regions: dict[str, list[str]], count: int) -> None:
+        self.regions = regions
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for region, (v4, v6) in self.regions.items():
+            for prefix in v4.split():
+                yield prefix, region
+            for prefix in v6.split():
+                yield prefix, region
+
+    def __getitem__(self, index: Any) -> Any:
+        return tuple(self)[index]
+
+
 @dataclass(frozen=True)
 class ProviderRanges:
     """One provider's prefixes: `(prefix, region)` pairs and its serial."""
 
     cloud: str
-    prefixes: tuple[tuple[str, str], ...]
+    prefixes: Sequence[tuple[str, str]]
     # Comparable serial of the document: AWS createDate, Google
     # creationTime, Azure changeNumber (as a zero-padded string).
     serial: str
     # Human-readable date of the data, for start-up logs and `iprange`.
     date: str
     # True when every prefix is known to be a valid network, listed once,
-    # and the pairs come grouped by region (the compiled embedded data):
+    # and the pairs come as `CompiledPrefixes` (the compiled embedded data):
     # CloudIndex then skips its checks, which are most of its build time.
     checked: bool = False
 

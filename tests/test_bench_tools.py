@@ -27,8 +27,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from harness import append_history  # noqa: E402
-from instructions import check_answer, parse_totals, per_request, request_bytes  # noqa: E402
-from latency_open_loop import OPEN_LOOP, PACING, calibration_seconds, floors, parse_wrk, parse_wrk2  # noqa: E402
+from instructions import check_answer, parse_totals, per_request, render_table, request_bytes  # noqa: E402
+from latency_open_loop import (  # noqa: E402
+    OPEN_LOOP,
+    PACING,
+    calibration_seconds,
+    floors,
+    loop_delta,
+    parse_wrk,
+    parse_wrk2,
+)
 from scorecard import collect_floors, spread  # noqa: E402
 from throughput import AWS_CLIENT, BLOB_PATH, Target, history_row, with_references  # noqa: E402
 
@@ -190,3 +198,30 @@ def test_throughput_history_names_close_and_engine_targets_apart() -> None:
     found = history_row({"machine": machine, "engines": ["httptools"], "summary": summary, "scaling": None})
     assert found["blob_aws_aiohttp_close_ratio"] == 0.5 and found["blob_aws_bare_ratio"] == 2.0
     assert "blob_aws_aiohttp_close_bare_ratio" not in found
+
+
+def test_a_steps_loop_figures_are_what_the_step_added() -> None:
+    lag = "archeio_event_loop_lag_seconds"
+
+    def figures(samples: float, over_1ms: float, over_5ms: float, lag_sum: float, gen0: float) -> dict[str, float]:
+        return {
+            f"{lag}_count{{}}": samples, f"{lag}_sum{{}}": lag_sum,
+            f'{lag}_bucket{{le="0.001"}}': samples - over_1ms, f'{lag}_bucket{{le="0.005"}}': samples - over_5ms,
+            f'{lag}_bucket{{le="0.025"}}': samples,
+            'archeio_gc_pause_seconds_count{generation="0"}': gen0,
+            'archeio_gc_pause_seconds_sum{generation="0"}': gen0 * 0.0001,
+        }
+
+    step = loop_delta(figures(100, 10, 1, 0.05, 3), figures(700, 70, 6, 0.65, 5))
+    assert (step["lag_samples"], step["lag_over_1ms"], step["lag_over_5ms"]) == (600, 60, 5)
+    assert step["gc_collections"] == {"0": 2, "1": 0, "2": 0}
+    assert "mean 1.00 ms" in step["loop"]
+    assert loop_delta(None, figures(1, 0, 0, 0, 0)) == {}  # a server without the metrics: nothing said
+
+
+def test_instruction_figures_less_the_timers_share_are_given_per_engine() -> None:
+    rows = [{"path": "manifest", "engine": "httptools", "connection": "keep-alive", "instructions_per_request": 30_000,
+             "min": 29_900, "max": 30_100, "wall_ms_per_request_under_callgrind": 0.5}]
+    (line,) = render_table(rows, {"httptools": 100_000.0})[2:]
+    assert line.endswith("| 0.5 | 29,950 |")  # 100,000 a second for half a millisecond: 50
+    assert render_table(rows)[2].endswith("| 0.5 |  |")

@@ -217,6 +217,21 @@ def test_mirror_without_its_extra_says_what_to_install(absent: list[str]) -> Non
     )
 
 
+def test_the_built_in_mirror_table_passes_a_mirrors_files_checks() -> None:
+    # It is read without checking each URL at start-up; the checks run here instead.
+
+    from archeio.config import builtin_mirrors, parse_mirrors
+
+    doc = json.loads((Path(__file__).resolve().parents[1] / "archeio/data/aws-mirrors.json").read_text())
+    as_toml = "".join(
+        f"[mirrors.{cloud}]\n" + "".join(f'"{region}" = "{url}"\n' for region, url in regions.items())
+        for cloud, regions in doc["mirrors"].items()
+    )
+    table = builtin_mirrors()
+    assert parse_mirrors(as_toml) == table
+    assert len(table.by_cloud["AWS"]) == 36  # upstream's table at 093d55a
+
+
 # -- a reader that goes away (`archeio settings | head`) --------------------------------
 
 _BIN = Path(sys.executable).parent

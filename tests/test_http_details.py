@@ -255,3 +255,12 @@ async def test_aiohttp_engine_handler_answers_through_pytest_aiohttp_fixtures(
     assert root.status == 200 and root.headers["Content-Length"] == "2"
     refused = await client.get("/v2/_catalog")
     assert refused.status == 404 and (await refused.json())["errors"][0]["code"] == "UNSUPPORTED"
+
+
+def test_the_date_header_is_an_imf_fixdate_as_email_utils_writes_it() -> None:
+    from email.utils import formatdate
+
+    from archeio.http.answers import http_date
+
+    for when in (0.0, 784111777.0, 951782400.5, 1796565000.0, 4102444799.0):  # 2000-02-29 among them
+        assert http_date(when) == formatdate(when, usegmt=True)

@@ -238,6 +238,12 @@ def test_build_and_processes_are_reported_for_each_worker_and_the_supervisor(
         assert total(samples, "process_resident_memory_bytes", worker=worker) > 1_000_000
         assert total(samples, "process_open_fds", worker=worker) >= 3
         assert 0 < total(samples, "process_start_time_seconds", worker=worker) <= time.time()
+    # Each worker measures its loop's lag and its collections from the start (loopstats.py).
+    deadline = time.monotonic() + 10
+    while total(samples, "archeio_event_loop_lag_seconds_count") == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        samples = scrape(two_workers)
+    assert total(samples, "archeio_event_loop_lag_seconds_count") > 0
     # The workers started after the supervisor that started them.
     assert total(samples, "process_start_time_seconds", worker="0") >= total(
         samples, "process_start_time_seconds", worker="supervisor") - 1

@@ -62,7 +62,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
 def test_wheel_ships_every_package_and_the_mirror_table(wheel: zipfile.ZipFile) -> None:
     """It must carry all of it, not just an editable view."""
     names = set(wheel.namelist())
-    sources = [*ROOT.glob("archeio/**/*.py"), *ROOT.glob("iprange/**/*.py"), ROOT / "archeio/data/aws-mirrors.toml"]
+    sources = [*ROOT.glob("archeio/**/*.py"), *ROOT.glob("iprange/**/*.py"), ROOT / "archeio/data/aws-mirrors.json"]
     for source in sources:
         assert str(source.relative_to(ROOT)) in names
 

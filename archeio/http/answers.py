@@ -1,8 +1,9 @@
 """What both engines write themselves: reason phrases and the error answers of the wire.
 
-Python's `http.HTTPStatus` still carries RFC 7231's phrases for a few codes;
-RFC 9110 renamed them, and its names are the ones written here (the public
-port and the admin port alike).
+The phrases are RFC 9110's, for the statuses we send; another status takes
+Python's `http.HTTPStatus` phrase, imported only then (its enum is a
+noticeable share of a start). `http_date` writes the Date header's
+IMF-fixdate (RFC 9110 5.6.7) without `email.utils`, for the same reason.
 
 The error answers are those of the HTTP layer, before or beside the request
 flow: a request that cannot be parsed or is over a limit, and an unexpected
@@ -12,11 +13,17 @@ with the same 503.
 
 from __future__ import annotations
 
-from http import HTTPStatus
+import time
 
 from ..routing import LocalAnswer, oci_error
 
-_RFC_9110 = {413: "Content Too Large", 414: "URI Too Long", 422: "Unprocessable Content"}
+_PHRASES = {
+    200: "OK", 307: "Temporary Redirect", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    413: "Content Too Large", 414: "URI Too Long", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
+}
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 ERRORS: dict[int, LocalAnswer] = {
     400: oci_error(400, "UNSUPPORTED", "malformed HTTP request"),
@@ -29,7 +36,19 @@ UNAVAILABLE = oci_error(503, "UNAVAILABLE", "internal error, try again")
 
 def reason(status: int) -> str:
     """The reason phrase for `status` ("Unknown" for a code no RFC names)."""
+    phrase = _PHRASES.get(status)
+    if phrase is not None:
+        return phrase
+    from http import HTTPStatus
+
     try:
-        return _RFC_9110.get(status) or HTTPStatus(status).phrase
+        return HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
+
+
+def http_date(when: float | None = None) -> str:
+    """`when` (default: now) as an HTTP date: `Sun, 06 Nov 1994 08:49:37 GMT`."""
+    t = time.gmtime(when)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")

@@ -88,6 +88,13 @@ class ConnectionTracker:
         # the line (its engine stamps `last_active`): the ordered dict's own
         # method, so the hot path pays no Python call for it.
         self.idle_to_back: Callable[[Connection], None] = self._idle.move_to_end
+        # An engine that answers in a later callback moves a kept-alive
+        # connection IDLE -> BUSY -> IDLE itself, as `accepted` and `answered`
+        # would (`idle_leave(conn)`, then its state BUSY; its state IDLE and
+        # `last_active` stamped, then `idle_join(conn, None)`), with the
+        # ordered dict's own methods: no Python call on the hot path.
+        self.idle_leave: Callable[[Connection], None] = self._idle.__delitem__
+        self.idle_join: Callable[[Connection, None], None] = self._idle.__setitem__
         # Connections reading a request -> since when (loop time), oldest first.
         self._reading: OrderedDict[Connection, float] = OrderedDict()
         # Connections closing -> their `Lingering`, the longest lingering first.

@@ -17,7 +17,6 @@ most about 128 KiB here.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 REMEMBERED = 256
@@ -46,6 +45,8 @@ def _valid(value: bytes) -> bool:
     if _IP_FUTURE_RE.fullmatch(literal):
         return True
     try:
+        import ipaddress  # only for a bracketed IPv6 literal
+
         ipaddress.IPv6Address(literal.decode("ascii"))
     except (ValueError, UnicodeDecodeError):
         return False

@@ -65,7 +65,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from email.utils import formatdate
 from random import random as _random
 from time import perf_counter as _clock
 from typing import TYPE_CHECKING, Any
@@ -74,7 +73,7 @@ import httptools
 
 from ..logs import RequestFacts
 from ..routing import Decision, LocalAnswer
-from .answers import ERRORS, UNAVAILABLE, reason
+from .answers import ERRORS, UNAVAILABLE, http_date, reason
 from .connections import BUSY, IDLE, ConnectionTracker, Lingering
 from .hosts import GOOD as _GOOD_HOSTS
 from .hosts import valid_host
@@ -141,7 +140,7 @@ class Wire:
 
     def tick(self) -> None:
         """Refresh the Date header; the engine calls this every second."""
-        self.date = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        self.date = b"Date: " + http_date().encode() + b"\r\n"
         self._decided.clear()
 
     def decided(self, decision: Decision, mode: int) -> bytes:
