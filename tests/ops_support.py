@@ -34,6 +34,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from archeio.metrics import Snapshot
+
 from . import engines
 from .conftest import RANGES_FIXTURES, free_port
 
@@ -296,3 +298,20 @@ def blob_url(server: ArcheioProcess, digest: str = BLOB) -> str:
 def requests_on_new_connections(urls_and_headers: Iterator[tuple[str, dict[str, str]]]) -> list[int]:
     """GET each URL on a fresh connection (so SO_REUSEPORT spreads them); the statuses."""
     return [http_get(url, headers)[0] for url, headers in urls_and_headers]
+
+
+class SnapshotSource:
+    """A metrics source of fixed snapshots (two workers configured, running and ready): the collector's input."""
+
+    def __init__(self, snaps: list[Snapshot], restarts: int = 0) -> None:
+        self.snaps = snaps
+        self.restarts = restarts
+
+    def snapshots(self) -> list[Snapshot]:
+        return self.snaps
+
+    def readiness(self) -> tuple[bool, str]:
+        return True, "ready"
+
+    def worker_counts(self) -> dict[str, int]:
+        return {"configured": 2, "running": 2, "ready": 2, "restarts": self.restarts}

@@ -11,19 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from archeio.loopstats import BUCKETS, LoopStats, freeze_after_start
 from archeio.metrics import Snapshot, render
 
-
-class _Source:
-    def __init__(self, snaps: list[Snapshot]) -> None:
-        self.snaps = snaps
-
-    def snapshots(self) -> list[Snapshot]:
-        return self.snaps
-
-    def readiness(self) -> tuple[bool, str]:
-        return True, "ready"
-
-    def worker_counts(self) -> dict[str, int]:
-        return {"configured": 2, "running": 2, "ready": 2, "restarts": 0}
+from .ops_support import SnapshotSource
 
 
 async def test_a_loop_held_by_other_work_shows_as_lag_of_at_least_that_long() -> None:
@@ -75,7 +63,7 @@ def test_lag_and_pauses_of_every_worker_are_summed_into_histograms() -> None:
         return {"worker": worker, "loop": {"lag": [counts, 0.0001 * lag, lag],
                                            "gc": {"2": [pauses, 0.04 * gen2, gen2]}}}
 
-    body = render(_Source([snap("0", 100, 1), snap("1", 50, 2)])).decode()
+    body = render(SnapshotSource([snap("0", 100, 1), snap("1", 50, 2)])).decode()
     samples = [(s.name, s.labels, s.value) for f in text_string_to_metric_families(body) for s in f.samples]
 
     def value(name: str, **labels: str) -> float:

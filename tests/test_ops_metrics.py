@@ -24,6 +24,7 @@ from .conftest import AWS_EU_WEST_3, GOOGLE_CLOUD, NOBODY
 from .ops_support import (
     MISSING_BLOB,
     ArcheioProcess,
+    SnapshotSource,
     ThreadedBucket,
     admin_get,
     blob_url,
@@ -40,20 +41,6 @@ from .ops_support import (
 pytestmark = pytest.mark.usefixtures("engine")
 
 # -- the collector, on plain snapshots ------------------------------------------
-
-
-class _Source:
-    def __init__(self, snaps: list[Snapshot]) -> None:
-        self.snaps = snaps
-
-    def snapshots(self) -> list[Snapshot]:
-        return self.snaps
-
-    def readiness(self) -> tuple[bool, str]:
-        return True, "ready"
-
-    def worker_counts(self) -> dict[str, int]:
-        return {"configured": 2, "running": 2, "ready": 2, "restarts": 1}
 
 
 def _worker(name: str, mirror_hits: int, hit_seconds: float) -> Snapshot:
@@ -87,7 +74,7 @@ def _one_bucket(count: int, bucket: int) -> list[int]:
 
 def _samples(snaps: list[Snapshot]) -> list[tuple[str, dict[str, str], float]]:
     # Our own rendering, read back by the Prometheus project's parser.
-    text = render(_Source(snaps)).decode()
+    text = render(SnapshotSource(snaps, restarts=1)).decode()
     return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
 
 
@@ -148,7 +135,7 @@ def test_rate_limit_tables_are_summed_and_forgotten_buckets_survive_a_restart() 
         {"worker": "1", "rate_clients": 4, "rate_forgotten": 2},
         retire(dead),
     ]
-    page = render(_Source(snaps)).decode().splitlines()
+    page = render(SnapshotSource(snaps, restarts=1)).decode().splitlines()
     assert "archeio_rate_limit_clients 7.0" in page  # the live tables only
     assert "archeio_rate_limit_forgotten_total 8.0" in page  # a counter never goes down
 
