@@ -115,7 +115,6 @@ _CONNECTION_LINES = (b"", b"Connection: keep-alive\r\n", b"Connection: close\r\n
 _KEEP_ALIVE_HEADER = 1  # Connection: keep-alive (matters for HTTP/1.0)
 _EXPECT_HEADER = 2  # Expect: (100-continue)
 _ANSWERED_EARLY = 4  # answered at its headers (Expect, Upgrade): nothing at its end
-_HOST_HEADER = 8  # Host: (an HTTP/1.1 request needs exactly one, RFC 9112 3.2)
 _IN_BODY = 16  # the head is complete: fields now are trailers
 
 
@@ -203,7 +202,7 @@ class HttpToolsProtocol(asyncio.Protocol):
     __slots__ = (
         "state", "last_active", "_engine", "_flow", "_tracker", "_wire", "_targets", "_loop", "_transport",
         "_parser", "_peer", "_read_at",
-        "_url", "_forwarded", "_facts", "_flags", "_header_bytes", "_refusal",
+        "_url", "_forwarded", "_facts", "_flags", "_host", "_known_host", "_header_bytes", "_refusal",
         "_began_at", "_fed", "_fed_before", "_queue", "_waiting",
         "_input_closed", "_eof", "_backlog", "_answered", "_turn_scheduled", "_reading_paused",
         "_writing_paused", "_out", "_close_after_flush", "_linger_close", "_linger",
@@ -226,7 +225,12 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._url = b""
         self._forwarded: bytes | None = None
         self._facts: RequestFacts | None = None  # only with the access log on (_LoggingProtocol)
-        self._flags = 0  # _KEEP_ALIVE_HEADER, _EXPECT_HEADER, _ANSWERED_EARLY, _HOST_HEADER, _IN_BODY
+        self._flags = 0  # _KEEP_ALIVE_HEADER, _EXPECT_HEADER, _ANSWERED_EARLY, _IN_BODY
+        # The request's Host (an HTTP/1.1 request needs exactly one, RFC 9112
+        # 3.2), and the last good value this connection sent: a client sends
+        # the same one every time, so the usual check is one comparison.
+        self._host: bytes | None = None
+        self._known_host = b"\0"  # never a Host value: the first is checked
         self._header_bytes = 0
         self._refusal = 0  # the status of a refusal decided inside a parser callback
         # Input bytes fed before the slice in which the request in progress
@@ -398,6 +402,7 @@ class HttpToolsProtocol(asyncio.Protocol):
         self._url = b""
         self._forwarded = None
         self._flags = 0
+        self._host = None
         self._header_bytes = 0
         self._began_at = self._fed_before
 
@@ -418,10 +423,10 @@ class HttpToolsProtocol(asyncio.Protocol):
         # never merged into the head (RFC 9110 6.5.1): the fields we read ignore it.
         if size == 4:
             if name == b"Host" or name.lower() == _HOST:
-                if self._flags & (_HOST_HEADER | _IN_BODY) or value not in _GOOD_HOSTS:
-                    self._unusual_host(value)
+                if value == self._known_host and self._host is None:
+                    self._host = value
                 else:
-                    self._flags |= _HOST_HEADER
+                    self._unusual_host(value)
         elif size == 15:
             if (name == b"X-Forwarded-For" or name.lower() == _XFF) and not self._flags & _IN_BODY:
                 # Repeated lines form one list, in order (RFC 9110 5.3).
@@ -433,19 +438,18 @@ class HttpToolsProtocol(asyncio.Protocol):
             self._flags |= _EXPECT_HEADER
 
     def _unusual_host(self, value: bytes) -> None:
-        """A Host line that is not the first, good, known value of a head."""
-        flags = self._flags
-        if flags & _IN_BODY:
-            return  # a trailer field: ignored
-        if flags & _HOST_HEADER or not valid_host(value):
+        """A Host line that is not the first of a head with this connection's known good value."""
+        if self._flags & _IN_BODY:
+            return  # a trailer field: ignored (the head had its Host, or was refused without one)
+        if self._host is not None or (value not in _GOOD_HOSTS and not valid_host(value)):
             raise _StopParsing  # a second Host, or one that is not host[:port]: 400 (RFC 9112 3.2)
-        self._flags = flags | _HOST_HEADER
+        self._host = self._known_host = value
 
     def on_headers_complete(self) -> None:
         # The body and trailers, if any, are bounded with the head and have
         # its deadline: the request is in progress until its end.
         flags = self._flags = self._flags | _IN_BODY
-        if not flags & _HOST_HEADER and self._parser.get_http_version() == "1.1":
+        if self._host is None and self._parser.get_http_version() == "1.1":
             raise _StopParsing  # HTTP/1.1 without Host: 400 (RFC 9112 3.2)
         if flags & _EXPECT_HEADER or self._parser.should_upgrade():
             # Answer now instead of 100 Continue or switching protocols, and
