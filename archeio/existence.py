@@ -464,7 +464,19 @@ def client_imported() -> bool:
 
 def warm_client() -> None:
     """Import aiohttp's client in a thread, so the first HEAD does not wait for it."""
-    threading.Thread(target=_import_client, name="archeio-warm-client", daemon=True).start()
+    global _warming
+    _warming = threading.Thread(target=_import_client, name="archeio-warm-client", daemon=True)
+    _warming.start()
+
+
+def finish_warming(timeout: float = 5.0) -> None:
+    """Wait for `warm_client`'s import to end, if it runs: a stop right after start-up must not finalize
+    the interpreter under a thread that is still importing (a daemon thread then may crash the exit)."""
+    if _warming is not None:
+        _warming.join(timeout)
+
+
+_warming: threading.Thread | None = None
 
 
 _importing = threading.Lock()

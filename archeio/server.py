@@ -31,7 +31,7 @@ from . import signals
 from .admin import start_admin
 from .app import RequestFlow, make_flow
 from .config import Settings
-from .existence import BlobExistenceCache, client_imported, warm_client
+from .existence import BlobExistenceCache, client_imported, finish_warming, warm_client
 from .http import Engine, make_engine
 from .loopstats import LoopStats, freeze_after_start
 from .metrics import CheckLatency, Exporter, Snapshot, build_info, published_timestamp
@@ -180,6 +180,7 @@ class Server:
             await cache.close()
             if admin is not None:
                 await admin.close()
+            finish_warming()
             for sig, handler in before.items():
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, handler)
