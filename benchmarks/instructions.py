@@ -258,6 +258,22 @@ def idle_rate(counter: Callgrind, seconds: float) -> float:
     return counter.instructions() / seconds
 
 
+def measure_targets(counter: Callgrind, engine: str, targets: Sequence[Target], args: argparse.Namespace,
+                    log: Callable[[str], None]) -> tuple[list[dict[str, Any]], float]:
+    """Every target in every mode (`args.modes`), then the idle rate: (rows, idle instructions a second)."""
+    rows = []
+    for target in targets:
+        for mode in args.modes:
+            found = measure_case(counter, target, mode == "close", args.counts, args.repeats)
+            rows.append({"path": target.name, "engine": engine, "connection": mode, **found})
+            spread = f" ({found['min']}-{found['max']})" if args.repeats > 1 else ""
+            log(f"  {target.name:<13} {engine:<12} {mode:<10} {found['instructions_per_request']:>9,}"
+                f"{spread} instructions/request")
+    idle = idle_rate(counter, args.idle_seconds)
+    log(f"  idle: {idle:,.0f} instructions/s")
+    return rows, idle
+
+
 def measure_engine(engine: str, rig: Rig, tmp: Path, args: argparse.Namespace,
                    log: Callable[[str], None]) -> tuple[list[dict[str, Any]], float]:
     """One `archeio serve` under callgrind: every path in every mode; and its idle rate."""
@@ -266,7 +282,6 @@ def measure_engine(engine: str, rig: Rig, tmp: Path, args: argparse.Namespace,
     if args.signature_upstream:
         env["SIGNATURE_UPSTREAM_ENDPOINT"] = args.signature_upstream
     log(f"{engine}: starting archeio serve under callgrind (a minute or so)")
-    rows = []
     with start_archeio(env, port, log=tmp / f"archeio-{engine}.log", tree=args.tree,
                        wrapper=valgrind_wrapper(tmp), timeout=START_TIMEOUT) as server:
         counter = Callgrind(server.pid)
@@ -275,15 +290,7 @@ def measure_engine(engine: str, rig: Rig, tmp: Path, args: argparse.Namespace,
             # Also the blob's existence check (the cache is warm after it),
             # which first waits for aiohttp's client to be imported: slow here.
             check_redirect(target, timeout=START_TIMEOUT)
-        for target in targets:
-            for mode in args.modes:
-                found = measure_case(counter, target, mode == "close", args.counts, args.repeats)
-                rows.append({"path": target.name, "engine": engine, "connection": mode, **found})
-                spread = f" ({found['min']}-{found['max']})" if args.repeats > 1 else ""
-                log(f"  {target.name:<13} {engine:<9} {mode:<10} {found['instructions_per_request']:>9,}"
-                    f"{spread} instructions/request")
-        idle = idle_rate(counter, args.idle_seconds)
-        log(f"  idle: {idle:,.0f} instructions/s")
+        rows, idle = measure_targets(counter, engine, targets, args, log)
         server.stop(timeout=120)
     return rows, idle
 
@@ -301,19 +308,10 @@ def measure_bare(rig: Rig, tmp: Path, args: argparse.Namespace,
                "--port", str(port), "--location", location]
     env = {**os.environ, "PYTHONHASHSEED": str(args.hash_seed)}
     log(f"{BARE}: starting bare_aiohttp.py under callgrind")
-    rows = []
     with start_serving(BARE, command, port, env=env, log=tmp / "bare-aiohttp.log", timeout=START_TIMEOUT) as server:
-        counter = Callgrind(server.pid)
-        for name, path in (("manifest", MANIFEST_PATH), ("blob-unknown", BLOB_PATH)):
-            target = Target(name, BARE, None, port, path, UNKNOWN_CLIENT, location, server.pid)
-            for mode in args.modes:
-                found = measure_case(counter, target, mode == "close", args.counts, args.repeats)
-                rows.append({"path": name, "engine": BARE, "connection": mode, **found})
-                spread = f" ({found['min']}-{found['max']})" if args.repeats > 1 else ""
-                log(f"  {name:<13} {BARE:<12} {mode:<10} {found['instructions_per_request']:>9,}"
-                    f"{spread} instructions/request")
-        idle = idle_rate(counter, args.idle_seconds)
-        log(f"  idle: {idle:,.0f} instructions/s")
+        targets = [Target(name, BARE, None, port, path, UNKNOWN_CLIENT, location, server.pid)
+                   for name, path in (("manifest", MANIFEST_PATH), ("blob-unknown", BLOB_PATH))]
+        rows, idle = measure_targets(Callgrind(server.pid), BARE, targets, args, log)
         server.stop(timeout=120)
     return rows, idle
 
